@@ -1,0 +1,3 @@
+"""mtl: multi-task learning for recommender systems in JAX/Flax NNX."""
+
+__version__ = "0.1.0"

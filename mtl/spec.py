@@ -1,0 +1,120 @@
+"""Task and feature specifications: the one interface every model, loss and data loader shares.
+
+A batch is a dict ``{"features": {name: array}, "labels": {task: array}, "masks": {task: array}}``
+("masks" optional: 1.0 where the label is present, 0.0 where it is missing).
+
+Feature kinds:
+  dense        float32 [B, dim]                 fed as is
+  categorical  int32   [B]      ids in [0, dim) looked up in an embedding table of ``dim`` rows
+  multihot     float32 [B, dim] counts/indicators, embedded as a normalised bag (x @ E / sum x)
+
+Task kinds and label layout (predictions are always logits or raw values):
+  binary       labels float {0,1} [B]      prediction [B]     sigmoid BCE
+  regression   labels float [B]            prediction [B]     MSE
+  multiclass   labels int [B] in [0,size)  prediction [B, size] softmax CE
+  multilabel   labels float {0,1} [B,size] prediction [B, size] mean sigmoid BCE over labels
+  retrieval    labels int [B] (item id)    prediction [B, B]  in-batch softmax CE (diagonal)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+
+TASK_KINDS = ("binary", "regression", "multiclass", "multilabel", "retrieval")
+FEATURE_KINDS = ("dense", "categorical", "multihot")
+
+
+def closest(name: str, valid: Iterable[str]) -> str:
+    """A ' (did you mean ...?)' hint listing the closest valid names, or all of them."""
+    valid = list(valid)
+    near = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    if near:
+        return f"did you mean {', '.join(repr(n) for n in near)}? valid: {', '.join(valid)}"
+    return f"valid: {', '.join(valid)}"
+
+
+def unknown(field: str, name: str, valid: Iterable[str]) -> ValueError:
+    """The error for an unknown name in ``field``, with the closest valid names."""
+    return ValueError(f"{field}: unknown value {name!r}; {closest(str(name), valid)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """One task: its name, kind, output size and loss weight λ."""
+
+    name: str
+    kind: str
+    size: int = 1
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(
+                f"task.name: {self.name!r} is not a valid name; use letters, digits and _"
+            )
+        if self.kind not in TASK_KINDS:
+            raise unknown(f"task {self.name!r} kind", self.kind, TASK_KINDS)
+        if int(self.size) < 1:
+            raise ValueError(f"task {self.name!r} size: {self.size} must be >= 1")
+        if self.kind in ("binary", "regression", "retrieval") and self.size != 1:
+            raise ValueError(
+                f"task {self.name!r} size: {self.kind} tasks have size 1, got {self.size}"
+            )
+        if self.kind == "multiclass" and self.size < 2:
+            raise ValueError(f"task {self.name!r} size: multiclass needs size >= 2, got 1")
+        if not float(self.weight) >= 0.0:
+            raise ValueError(f"task {self.name!r} weight: {self.weight} must be >= 0")
+
+    @property
+    def out_dim(self) -> int:
+        return self.size
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """One input feature: dense width, or vocabulary size for categorical/multihot."""
+
+    name: str
+    kind: str
+    dim: int
+    embed_dim: int = 16
+
+    def __post_init__(self) -> None:
+        if self.kind not in FEATURE_KINDS:
+            raise unknown(f"feature {self.name!r} kind", self.kind, FEATURE_KINDS)
+        if int(self.dim) < 1:
+            raise ValueError(f"feature {self.name!r} dim: {self.dim} must be >= 1")
+        if int(self.embed_dim) < 1:
+            raise ValueError(f"feature {self.name!r} embed_dim: {self.embed_dim} must be >= 1")
+
+
+def task_names(tasks: Sequence[TaskSpec]) -> tuple[str, ...]:
+    names = tuple(t.name for t in tasks)
+    if len(set(names)) != len(names):
+        raise ValueError(f"tasks: duplicate task names in {names}; give each task its own name")
+    if not names:
+        raise ValueError("tasks: no tasks given; pass at least one TaskSpec")
+    return names
+
+
+def resolve_weights(
+    tasks: Sequence[TaskSpec], weights: Mapping[str, float] | None
+) -> tuple[float, ...]:
+    """Per-task λ in task order; ``weights`` overrides TaskSpec.weight and must name real tasks."""
+    names = task_names(tasks)
+    if weights is None:
+        return tuple(float(t.weight) for t in tasks)
+    extra = sorted(set(weights) - set(names))
+    if extra:
+        raise ValueError(
+            f"weights: keys {extra} are not tasks; tasks are {list(names)} (remove or rename them)"
+        )
+    out = []
+    for t in tasks:
+        w = float(weights.get(t.name, t.weight))
+        if not w >= 0.0:
+            raise ValueError(f"weights[{t.name!r}]: {w} must be >= 0")
+        out.append(w)
+    return tuple(out)
