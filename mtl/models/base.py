@@ -1,0 +1,119 @@
+"""Building blocks shared by every model: the feature encoder, MLPs, heads, and the model contract.
+
+Model contract (every model in mtl.models follows it):
+  ``rep = model.represent(features, rngs=rngs)``   the shared representation (a pytree of arrays)
+  ``preds, aux = model.decode(rep, rngs=rngs)``     per-task raw outputs keyed by task name, plus extras
+  ``model(features, rngs=rngs) == model.decode(model.represent(features, rngs), rngs)``
+Dropout randomness is passed in (``rngs=nnx.Rngs(dropout=key)``), never stored in the model, so the
+model's state is parameters only and a train step is a pure function of (params, batch, key).
+``rngs=None`` is fine in eval mode (``model.eval()``) or when dropout is 0.
+``aux`` may hold ``"gates"`` ({task: [B, E]}) for mixture models.
+
+Parameter naming convention (mtl.partition reads it):
+  top-level ``embed``   embedding tables                  group "embeddings"
+  top-level ``towers``  nnx.Dict keyed by task name        group "towers", owned by that task
+  top-level ``heads``   nnx.Dict keyed by task name        group "heads",  owned by that task
+  top-level ``gates``   nnx.Dict keyed by task name        group "gates",  owned by that task
+  top-level ``columns`` modules stacked on a leading task axis (one slice per task)
+  anything else                                          group "shared"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtl.spec import FeatureSpec, TaskSpec, task_names
+
+Array = jax.Array
+
+
+class FeatureEncoder(nnx.Module):
+    """Concatenates dense features, embedded ids and normalised embedded bags into [B, D]."""
+
+    def __init__(self, features: Sequence[FeatureSpec], *, rngs: nnx.Rngs):
+        self.specs = tuple(features)
+        if not self.specs:
+            raise ValueError("features: no input features given; pass at least one FeatureSpec")
+        init = nnx.initializers.normal(0.05)
+        self.embed = nnx.Dict(
+            {
+                f.name: nnx.Embed(f.dim, f.embed_dim, embedding_init=init, rngs=rngs)
+                if f.kind == "categorical"
+                else nnx.Linear(f.dim, f.embed_dim, use_bias=False, kernel_init=init, rngs=rngs)
+                for f in self.specs
+                if f.kind != "dense"
+            }
+        )
+        self.out_dim = sum(f.dim if f.kind == "dense" else f.embed_dim for f in self.specs)
+
+    def __call__(self, features: Mapping[str, Array]) -> Array:
+        parts = []
+        for f in self.specs:
+            x = features[f.name]
+            if f.kind == "dense":
+                parts.append(x.astype(jnp.float32).reshape(x.shape[0], -1))
+            elif f.kind == "categorical":
+                parts.append(self.embed[f.name](x.astype(jnp.int32)))
+            else:
+                x = x.astype(jnp.float32)
+                bag = self.embed[f.name](x)
+                parts.append(bag / jnp.maximum(jnp.sum(x, axis=-1, keepdims=True), 1.0))
+        return jnp.concatenate(parts, axis=-1)
+
+
+class MLP(nnx.Module):
+    """Dense → ReLU → Dropout, repeated for each width."""
+
+    def __init__(self, in_dim: int, widths: Sequence[int], dropout: float, *, rngs: nnx.Rngs):
+        dims = [in_dim, *widths]
+        self.layers = nnx.List(
+            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:], strict=True)]
+        )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: {dropout} must lie in [0, 1)")
+        self.drop = nnx.Dropout(dropout)
+        self.out_dim = dims[-1]
+
+    def __call__(self, x: Array, rngs: nnx.Rngs | None = None) -> Array:
+        for layer in self.layers:
+            x = self.drop(jax.nn.relu(layer(x)), rngs=rngs)
+        return x
+
+
+def towers_and_heads(
+    tasks: Sequence[TaskSpec], in_dim: int, widths: Sequence[int], dropout: float, rngs: nnx.Rngs
+) -> tuple[nnx.Dict, nnx.Dict]:
+    """One MLP tower and one linear head per task, keyed by task name."""
+    towers = {t.name: MLP(in_dim, widths, dropout, rngs=rngs) for t in tasks}
+    heads = {t.name: nnx.Linear(towers[t.name].out_dim, t.size, rngs=rngs) for t in tasks}
+    return nnx.Dict(towers), nnx.Dict(heads)
+
+
+def head_output(task: TaskSpec, y_BxC: Array) -> Array:
+    """Squeeze scalar outputs to [B]; keep [B, C] for multiclass/multilabel."""
+    return y_BxC[..., 0] if task.size == 1 and task.kind != "multiclass" else y_BxC
+
+
+class MTLModel(nnx.Module):
+    """Base class: ``__call__`` = ``decode(represent(x))``."""
+
+    tasks: tuple[TaskSpec, ...]
+
+    def _set_tasks(self, tasks: Sequence[TaskSpec]) -> None:
+        task_names(tasks)
+        self.tasks = tuple(tasks)
+
+    def represent(self, features: Mapping[str, Array], rngs: nnx.Rngs | None = None):
+        raise NotImplementedError
+
+    def decode(self, rep, rngs: nnx.Rngs | None = None) -> tuple[dict[str, Array], dict]:
+        raise NotImplementedError
+
+    def __call__(
+        self, features: Mapping[str, Array], rngs: nnx.Rngs | None = None
+    ) -> tuple[dict[str, Array], dict]:
+        return self.decode(self.represent(features, rngs), rngs)

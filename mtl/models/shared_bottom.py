@@ -1,0 +1,42 @@
+"""Hard parameter sharing: a shared trunk and one tower + head per task (Caruana 1997)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+from flax import nnx
+
+from mtl.models.base import MLP, FeatureEncoder, MTLModel, head_output, towers_and_heads
+from mtl.spec import FeatureSpec, TaskSpec
+
+Array = jax.Array
+
+
+class SharedBottom(MTLModel):
+    """encoder → shared MLP (default 128) → per-task tower (default 64) → per-task head."""
+
+    def __init__(
+        self,
+        features: Sequence[FeatureSpec],
+        tasks: Sequence[TaskSpec],
+        *,
+        trunk: Sequence[int] = (128,),
+        tower: Sequence[int] = (64,),
+        dropout: float = 0.0,
+        rngs: nnx.Rngs,
+    ):
+        self._set_tasks(tasks)
+        self.encoder = FeatureEncoder(features, rngs=rngs)
+        self.trunk = MLP(self.encoder.out_dim, trunk, dropout, rngs=rngs)
+        self.towers, self.heads = towers_and_heads(tasks, self.trunk.out_dim, tower, dropout, rngs)
+
+    def represent(self, features: Mapping[str, Array], rngs: nnx.Rngs | None = None) -> Array:
+        return self.trunk(self.encoder(features), rngs)
+
+    def decode(self, rep_BxH: Array, rngs: nnx.Rngs | None = None) -> tuple[dict[str, Array], dict]:
+        preds = {
+            t.name: head_output(t, self.heads[t.name](self.towers[t.name](rep_BxH, rngs)))
+            for t in self.tasks
+        }
+        return preds, {}
