@@ -1,0 +1,228 @@
+"""The host loop: stages → epochs → compiled chunks of steps, evaluation, checkpoints, resume.
+
+The only host work per chunk is one call into a compiled ``lax.scan`` and one transfer of its
+per-step metrics. The data order of epoch e is ``permutation(fold_in(key(data_seed), e))``, so a
+run resumed at any checkpointed step replays exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from mtl import metrics as M
+from mtl import parallel
+from mtl.checkpoint import Checkpointer
+from mtl.data.batching import Dataset, epoch_batches, eval_batches, num_batches
+from mtl.train import Stage, Trainer, TrainState
+
+
+class Divergence(FloatingPointError):
+    """A non-finite loss or gradient stopped the run (nan_policy='stop')."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    state: TrainState
+    history: list[dict]
+
+
+def evaluate(
+    trainer: Trainer, state: TrainState, data: Dataset, batch_size: int = 4096, mesh=None
+) -> dict:
+    """{task: {metric: value}} on ``data`` (padding rows excluded; retrieval tasks skipped)."""
+    batches = eval_batches(data, batch_size)
+    if mesh is not None:
+        parallel.check_batch_size(batch_size, mesh)
+        batches = parallel.shard_batches(batches, mesh)
+    preds, _ = trainer.predict(state, batches)
+    valid = batches["valid"].reshape(-1)
+    out = {}
+    for t in trainer.tasks:
+        if t.kind == "retrieval":
+            continue
+        y = batches["labels"][t.name]
+        y = y.reshape((-1,) + y.shape[2:])
+        m = valid * batches["masks"][t.name].reshape(-1)
+        out[t.name] = {
+            k: float(v) for k, v in M.task_metrics(t.kind, y, preds[t.name], mask=m).items()
+        }
+    return out
+
+
+def plan(stages: Sequence[Stage]) -> list[tuple[int, Stage]]:
+    """One (stage index, stage) entry per epoch, in order."""
+    return [(i, s) for i, s in enumerate(stages) for _ in range(s.epochs)]
+
+
+def _summarise(m: dict, names: Sequence[str]) -> dict:
+    """Means of a chunk's per-step metrics (host numpy)."""
+    out = {
+        "loss": float(np.mean(m["loss"])),
+        "losses": {n: float(np.mean(m["losses"][:, i])) for i, n in enumerate(names)},
+        "steps": int(m["loss"].shape[0]),
+    }
+    if "analysis" in m and np.any(m["logged"]):
+        sel = np.asarray(m["logged"], bool)
+        out["analysis"] = {k: np.asarray(v)[sel].mean(0).tolist() for k, v in m["analysis"].items()}
+        out["analysis"]["conflict_rate"] = out["analysis"].pop("conflict")
+        out["analysis"]["cosine_steps"] = np.asarray(m["analysis"]["cosine"])[sel].tolist()
+    return out
+
+
+def _divergence(
+    trainer: Trainer, m: dict, e: int, offset: int, ckpt: Checkpointer | None
+) -> Divergence:
+    bad = int(np.argmin(np.asarray(m["finite"])))
+    losses = np.asarray(m["losses"][bad])
+    tasks = [n for n, v in zip(trainer.names, losses, strict=True) if not np.isfinite(v)]
+    what = (
+        f"loss of task(s) {tasks} = {losses[[trainer.names.index(t) for t in tasks]].tolist()}"
+        if tasks
+        else "gradient (losses finite)"
+    )
+    last = (
+        f"; last good checkpoint: step {ckpt.steps()[-1]} in {ckpt.directory}"
+        if ckpt and ckpt.steps()
+        else ""
+    )
+    return Divergence(
+        f"non-finite {what} at step {int(m['step'][bad])} (epoch {e}, batch {offset + bad}){last}; "
+        "lower the learning rate, check the data, or set nan_policy='skip' to skip such steps"
+    )
+
+
+def fit(
+    trainer: Trainer,
+    state: TrainState,
+    train: Dataset,
+    stages: Sequence[Stage],
+    *,
+    batch_size: int,
+    data_seed: int = 0,
+    eval_data: Dataset | None = None,
+    eval_every: int = 1,
+    checkpointer: Checkpointer | None = None,
+    save_every: int = 0,
+    on_epoch: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress: bool = False,
+    mesh=None,
+) -> FitResult:
+    """Train through ``stages``; resume from ``checkpointer`` if it holds a checkpoint.
+
+    ``save_every`` > 0 also saves every that many steps of an epoch (chunks end there); epoch ends
+    always save.
+    ``should_stop`` is polled after every chunk; when it returns True a checkpoint is written and
+    KeyboardInterrupt is raised. ``mesh`` (mtl.parallel.make_mesh) shards every batch over its
+    'data' axis and replicates the state: data-parallel training with the same results.
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size: {batch_size} must be >= 1")
+    if len(train) == 0:
+        raise ValueError("train: the training split is empty; check the split and the data")
+    S = num_batches(len(train), batch_size)
+    history: list[dict] = []
+    partial: list[dict] = []  # summaries of the chunks already run in the current epoch
+    if checkpointer is not None:
+        restored = checkpointer.restore(state)
+        if restored is not None:
+            state, extra, _ = restored
+            history, partial = list(extra.get("history", [])), list(extra.get("partial", []))
+    train = train.to_device()
+    if mesh is not None:
+        parallel.check_batch_size(batch_size, mesh)
+        state = parallel.replicate(state, mesh)
+    epochs = plan(stages)
+    data_key = jax.random.key(data_seed)
+    chunk = save_every if save_every > 0 else S
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(epochs), desc="epochs", initial=min(int(state.step) // S, len(epochs)))
+
+    def save(state, history, partial=()):
+        if checkpointer is not None:
+            checkpointer.save(
+                int(state.step), state, {"history": history, "partial": list(partial)}
+            )
+
+    for e, (stage_idx, stage) in enumerate(epochs):
+        start = e * S
+        if int(state.step) >= start + S:
+            continue
+        t0 = time.perf_counter()
+        batches = epoch_batches(train, batch_size, jax.random.fold_in(data_key, e))
+        if mesh is not None:
+            batches = parallel.shard_batches(batches, mesh)
+        offset = int(state.step) - start
+        summaries, partial = (partial if offset > 0 else []), []
+        while offset < S:
+            end = min(S, (offset // chunk + 1) * chunk)
+            part = (
+                jax.tree.map(lambda x, sl=slice(offset, end): x[sl], batches)
+                if (offset, end) != (0, S)
+                else batches
+            )
+            state, m = trainer.run(state, part, stage)
+            m = jax.device_get(m)
+            if not np.all(m["finite"]):
+                if trainer.config.nan_policy == "stop":
+                    raise _divergence(trainer, m, e, offset, checkpointer)
+            summaries.append(_summarise(m, trainer.names))
+            offset = end
+            if save_every > 0 and offset < S:
+                save(state, history, summaries)
+            if offset < S and should_stop is not None and should_stop():
+                save(state, history, summaries)
+                raise KeyboardInterrupt(f"stopped at step {int(state.step)}")
+        w = np.asarray([s["steps"] for s in summaries], float)
+        record: dict[str, Any] = {
+            "epoch": e,
+            "stage": stage_idx,
+            "step": int(state.step),
+            "train_loss": float(np.average([s["loss"] for s in summaries], weights=w)),
+            "train_losses": {
+                n: float(np.average([s["losses"][n] for s in summaries], weights=w))
+                for n in trainer.names
+            },
+            "skipped": int(state.skipped),
+            "seconds": time.perf_counter() - t0,
+        }
+        an = [s["analysis"] for s in summaries if "analysis" in s]
+        if an:
+            record["analysis"] = {
+                k: np.mean([a[k] for a in an], axis=0).tolist()
+                for k in an[0]
+                if k != "cosine_steps"
+            }
+            record["analysis"]["cosine_steps"] = [c for a in an for c in a["cosine_steps"]]
+        if eval_data is not None and ((e + 1) % eval_every == 0 or e == len(epochs) - 1):
+            record["eval"] = evaluate(trainer, state, eval_data, mesh=mesh)
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        save(state, history)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['train_loss']:.4f}")
+        if e + 1 < len(epochs) and should_stop is not None and should_stop():
+            raise KeyboardInterrupt(f"stopped at step {int(state.step)}")
+    if bar is not None:
+        bar.close()
+    return FitResult(state, history)
+
+
+def examples_per_second(history: Sequence[dict], n: int) -> float:
+    """Training throughput over the epochs after the first (which includes compilation)."""
+    secs = [h["seconds"] for h in history[1:]] or [h["seconds"] for h in history]
+    return float(n * len(secs) / max(sum(secs), 1e-9))
+
+
+__all__ = ["Divergence", "FitResult", "evaluate", "examples_per_second", "fit", "plan"]

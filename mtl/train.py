@@ -1,0 +1,470 @@
+"""The training engine: a pure step ``(state, batch) -> (state, metrics)`` and a whole epoch as one
+``lax.scan`` over device-resident batches, for joint, alternating and staged schedules.
+
+Every schedule reduces to a list of ``Stage``s. A stage fixes the tasks that contribute, which
+parameters may change (``trainable``: groups or regexes, see mtl.partition) and whether steps are
+joint (one update on Σ_i λ_i L_i) or alternating (one task per step, round-robin or sampled; only
+that task's parameters and the shared ones change). Freezing is a masked update: frozen parameters
+and their optimizer moments are selected unchanged (``jnp.where``), so they stay bit-identical.
+
+Per-task gradients come from one forward pass and a ``vmap``ped VJP over the rows of diag(λ); a
+gradient aggregator (mtl.aggregation) replaces the shared gradient by aggregate(J) and a loss
+weighting (mtl.weighting) supplies λ each step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from mtl import partition
+from mtl.losses import l2_to_mean, task_loss
+from mtl.spec import TaskSpec, resolve_weights, unknown
+
+Array = jax.Array
+SCHEDULES = ("joint", "alternating", "staged")
+ORDERS = ("round_robin", "sampled")
+NAN_POLICIES = ("stop", "skip")
+AGGREGATE_ON = ("params", "representation")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """``epochs`` of training on ``tasks`` (None: all) changing only ``trainable`` parameters."""
+
+    epochs: int
+    trainable: tuple[str, ...] = ("all",)
+    tasks: tuple[str, ...] | None = None
+    alternating: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"stage epochs: {self.epochs!r} must be an integer >= 1")
+        as_tuple = lambda v: (v,) if isinstance(v, str) else tuple(v)
+        object.__setattr__(self, "trainable", as_tuple(self.trainable))
+        if self.tasks is not None:
+            object.__setattr__(self, "tasks", as_tuple(self.tasks))
+        if not self.trainable:
+            raise ValueError("stage trainable: empty; name at least one group or regex (or 'all')")
+        if self.tasks is not None:
+            if not self.tasks:
+                raise ValueError("stage tasks: empty; name at least one task (or None for all)")
+
+
+def make_schedule(
+    kind: str, epochs: int = 1, stages: Sequence[Stage | dict] | None = None
+) -> tuple[Stage, ...]:
+    """joint / alternating: one stage of ``epochs``; staged: the given stages in order."""
+    if kind not in SCHEDULES:
+        raise unknown("schedule", kind, SCHEDULES)
+    if kind == "staged":
+        if not stages:
+            raise ValueError("stages: a staged schedule needs at least one stage")
+        return tuple(s if isinstance(s, Stage) else Stage(**s) for s in stages)
+    if stages:
+        raise ValueError(f"stages: only the 'staged' schedule takes stages, not {kind!r}")
+    return (Stage(epochs, alternating=kind == "alternating"),)
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes; a pytree of arrays (checkpointed whole)."""
+
+    step: Array  # int32 global step (the schedule and data position derive from it)
+    params: Any  # nnx.State of nnx.Param
+    rest: Any  # nnx.State of everything else (dropout RNG counters, ...)
+    opt_state: Any
+    weighting: Any
+    aggregator: Any
+    key: Array  # uint32[2] raw PRNG key
+    skipped: Array  # int32 number of non-finite steps skipped
+    halted: Array  # bool: a non-finite step stopped training (nan_policy='stop')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Static training options."""
+
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    weights: dict | None = None  # task -> λ (defaults to TaskSpec.weight)
+    l1: float = 0.0
+    l2: float = 0.0
+    order: str = "round_robin"  # alternating schedule: round_robin | sampled
+    probs: dict | None = None  # alternating 'sampled': task -> probability
+    aggregator: str | None = None
+    aggregator_kwargs: dict = dataclasses.field(default_factory=dict)
+    aggregate_on: str = "params"  # params | representation (MGDA-UB style)
+    weighting: str = "fixed"
+    weighting_kwargs: dict = dataclasses.field(default_factory=dict)
+    nan_policy: str = "stop"
+    log_every: int = 0  # gradient-analysis interval in steps (0: off)
+
+
+OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagrad": optax.adagrad}
+
+
+class Trainer:
+    """Holds the static parts (graphdefs, optimizer, tasks, methods) and the compiled functions."""
+
+    def __init__(self, model: nnx.Module, config: TrainConfig = TrainConfig(), tx=None):
+        from mtl import aggregation, weighting  # imported lazily: optional methods
+
+        c = self.config = config
+        self.tasks: tuple[TaskSpec, ...] = tuple(model.tasks)
+        self.names = tuple(t.name for t in self.tasks)
+        T = len(self.tasks)
+        self.lam_T = np.asarray(resolve_weights(self.tasks, c.weights), np.float32)
+        if c.order not in ORDERS:
+            raise unknown("order", c.order, ORDERS)
+        if c.nan_policy not in NAN_POLICIES:
+            raise unknown("nan_policy", c.nan_policy, NAN_POLICIES)
+        if c.aggregate_on not in AGGREGATE_ON:
+            raise unknown("aggregate_on", c.aggregate_on, AGGREGATE_ON)
+        if c.log_every < 0:
+            raise ValueError(f"log_every: {c.log_every} must be >= 0 (0 turns logging off)")
+        for field in ("l1", "l2"):
+            if not getattr(c, field) >= 0:
+                raise ValueError(f"{field}: {getattr(c, field)} must be >= 0")
+        self.probs_T = None
+        if c.probs is not None:
+            extra = sorted(set(c.probs) - set(self.names))
+            if extra:
+                raise ValueError(f"probs: keys {extra} are not tasks {list(self.names)}")
+            p = np.asarray([float(c.probs.get(n, 0.0)) for n in self.names], np.float32)
+            if (p < 0).any() or p.sum() <= 0:
+                raise ValueError(f"probs: {c.probs} must be >= 0 with a positive sum")
+            self.probs_T = p / p.sum()
+        if tx is None:
+            if c.optimizer not in OPTIMIZERS:
+                raise unknown("optimizer", c.optimizer, OPTIMIZERS)
+            if not c.learning_rate > 0:
+                raise ValueError(f"learning_rate: {c.learning_rate} must be > 0")
+            tx = OPTIMIZERS[c.optimizer](c.learning_rate)
+        self.tx = tx
+        self.aggregator = (
+            None
+            if c.aggregator is None
+            else aggregation.get_aggregator(c.aggregator, **c.aggregator_kwargs)
+        )
+        wkw = dict(c.weighting_kwargs)
+        if c.weighting == "fixed":
+            wkw.setdefault("weights", self.lam_T)
+        self.weighting = weighting.get_weighting(c.weighting, T, **wkw)
+        self.penalty_lam = float(getattr(model, "penalty", 0.0))
+
+        self.model_name = type(model).__name__
+        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        was_training = True
+        model.eval()
+        self.eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
+        if was_training:
+            model.train()
+        self.shared = partition.shared_mask(params, self.names)
+        self.num_shared = sum(
+            int(np.prod(x.shape))
+            for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(self.shared), strict=True)
+            if m
+        )
+        if self.aggregator is not None and self.num_shared == 0 and c.aggregate_on == "params":
+            raise ValueError(
+                f"aggregator: {c.aggregator!r} needs shared parameters, but {type(model).__name__} has none; "
+                "use a hard-sharing or mixture model, or aggregator=None"
+            )
+        self._template = (params, rest)
+        self._epoch = jax.jit(
+            self._epoch_fn, donate_argnums=(0,), static_argnames=("task_ids", "alternating")
+        )
+        self._predict = jax.jit(self._predict_fn)
+
+    # ------------------------------------------------------------------ state
+    def init(self, model: nnx.Module, seed: int = 0) -> TrainState:
+        """The initial train state of ``model`` (its current parameters)."""
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        P = self.num_shared if self.config.aggregate_on == "params" else 0
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            rest=rest,
+            opt_state=self.tx.init(params),
+            weighting=self.weighting.init(len(self.tasks)),
+            aggregator=() if self.aggregator is None else self.aggregator.init(len(self.tasks), P),
+            key=jax.random.key_data(jax.random.key(seed)),
+            skipped=jnp.zeros((), jnp.int32),
+            halted=jnp.zeros((), bool),
+        )
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint must match to be restored into this trainer (shapes, tasks, options)."""
+        params = self._template[0]
+        shapes = {
+            p: list(x.shape)
+            for p, x in zip(partition.paths(params), jax.tree.leaves(params), strict=True)
+        }
+        cfg = dataclasses.asdict(self.config)
+        return {
+            "model": self.model_name,
+            "tasks": [dataclasses.asdict(t) for t in self.tasks],
+            "params": shapes,
+            "config": {k: cfg[k] for k in ("optimizer", "aggregator", "aggregate_on", "weighting")},
+        }
+
+    def model(self, state: TrainState, train: bool = False) -> nnx.Module:
+        """A stateful nnx model holding the state's parameters (for inspection and notebooks)."""
+        return nnx.merge(self.graphdef if train else self.eval_graphdef, state.params, state.rest)
+
+    def stage_mask(self, state: TrainState, stage: Stage):
+        return partition.selector_mask(state.params, stage.trainable)
+
+    def task_ids(self, stage: Stage) -> tuple[int, ...]:
+        if stage.tasks is None:
+            return tuple(range(len(self.tasks)))
+        for n in stage.tasks:
+            if n not in self.names:
+                raise unknown("stage tasks", n, self.names)
+        return tuple(self.names.index(n) for n in stage.tasks)
+
+    # ------------------------------------------------------------------ losses
+    def _task_losses(self, preds, batch) -> Array:
+        valid = batch.get("valid")
+        masks = batch.get("masks", {})
+        out = []
+        for t in self.tasks:
+            m = masks.get(t.name)
+            m = valid if m is None else (m if valid is None else m * valid)
+            out.append(task_loss(t.kind, preds[t.name], batch["labels"][t.name], m))
+        return jnp.stack(out)
+
+    def _rngs(self, key):
+        return nnx.Rngs(dropout=key)
+
+    def _losses_fn(self, params, rest, batch, key):
+        """(losses_T, aux) of the model at ``params`` on ``batch``; ``key`` drives dropout."""
+        model = nnx.merge(self.graphdef, params, rest)
+        preds, aux = model(batch["features"], self._rngs(key))
+        return self._task_losses(preds, batch), aux
+
+    def _penalty(self, params) -> Array:
+        """λ_soft Σ_i ||θ_i − θ̄||² over stacked columns + l2 Σθ² + l1 Σ|θ|."""
+        c, total = self.config, jnp.zeros(())
+        if self.penalty_lam > 0 and "columns" in params:
+            total += self.penalty_lam * l2_to_mean(params["columns"])
+        leaves = jax.tree.leaves(params)
+        if c.l2 > 0:
+            total += c.l2 * sum(jnp.sum(jnp.square(x)) for x in leaves)
+        if c.l1 > 0:
+            total += c.l1 * sum(jnp.sum(jnp.abs(x)) for x in leaves)
+        return total
+
+    def _shared_rows(self, J):
+        """[T, P] flat Jacobian of the shared leaves of a task-stacked gradient pytree."""
+        leaves = zip(jax.tree.leaves(J), jax.tree.leaves(self.shared), strict=True)
+        rows = [x.reshape(x.shape[0], -1) for x, m in leaves if m]
+        return jnp.concatenate(rows, axis=1) if rows else jnp.zeros((len(self.tasks), 0))
+
+    def _unflatten_shared(self, vec_P, like):
+        """Place a flat shared vector back into the shared leaves of ``like`` (others unchanged)."""
+        leaves, treedef = jax.tree.flatten(like)
+        out, i = [], 0
+        for x, m in zip(leaves, jax.tree.leaves(self.shared), strict=True):
+            if m:
+                n = int(np.prod(x.shape))
+                out.append(vec_P[i : i + n].reshape(x.shape).astype(x.dtype))
+                i += n
+            else:
+                out.append(x)
+        return jax.tree.unflatten(treedef, out)
+
+    # ------------------------------------------------------------------ step
+    def _grads(self, state: TrainState, batch, key, active_T):
+        """(losses_T, λ_T, grads, jacobian_TxP or None, new aggregator state).
+
+        λ_T = weighting(losses) · active_T: tasks outside the stage, or not picked by an
+        alternating step, contribute nothing. One forward pass; per-task gradients are a vmapped
+        VJP over the rows of diag(λ) (or of I, for weightings that read the raw Jacobian).
+        """
+        c, T = self.config, len(self.tasks)
+        k_drop, k_w, k_agg = jax.random.split(key, 3)
+        needs_J = "jacobian" in self.weighting.needs
+        weights = lambda losses_T: jax.lax.stop_gradient(
+            self.weighting.weights(state.weighting, losses_T, k_w) * active_T
+        )
+        if self.aggregator is not None and c.aggregate_on == "representation":
+            # MGDA-UB style (Sener & Koltun 2018): aggregate on the shared representation z,
+            # then one VJP through the encoder with the aggregated cotangent.
+            def rep_fn(params):
+                model = nnx.merge(self.graphdef, params, state.rest)
+                return model.represent(batch["features"], self._rngs(k_drop))
+
+            def dec_fn(params, rep):
+                model = nnx.merge(self.graphdef, params, state.rest)
+                preds, aux = model.decode(rep, self._rngs(jax.random.fold_in(k_drop, 1)))
+                return self._task_losses(preds, batch), aux
+
+            rep, enc_vjp = jax.vjp(rep_fn, state.params)
+            losses_T, dec_vjp, aux = jax.vjp(dec_fn, state.params, rep, has_aux=True)
+            w_T = weights(losses_T)
+            Jp, Jr = jax.vmap(dec_vjp)(jnp.diag(w_T))
+            Jr_TxR = jax.vmap(lambda r: ravel_pytree(r)[0])(Jr)
+            unravel = ravel_pytree(rep)[1]
+            v_R, agg_state = self.aggregator.apply(Jr_TxR, state.aggregator, k_agg)
+            (g_enc,) = enc_vjp(unravel(v_R))
+            grads = jax.tree.map(lambda a, b: a.sum(0) + b, Jp, g_enc)
+            J = None
+            if needs_J:
+                J = self._shared_rows(jax.vmap(lambda ct: enc_vjp(unravel(ct))[0])(Jr_TxR))
+            return losses_T, w_T, grads, J, agg_state
+
+        losses_T, vjp, aux = jax.vjp(
+            lambda p: self._losses_fn(p, state.rest, batch, k_drop), state.params, has_aux=True
+        )
+        w_T = weights(losses_T)
+        if self.aggregator is None:
+            (grads,) = vjp(w_T)
+            J = self._shared_rows(jax.vmap(vjp)(jnp.eye(T))[0]) if needs_J else None
+            return losses_T, w_T, grads, J, state.aggregator
+        (J_all,) = jax.vmap(vjp)(jnp.diag(w_T))
+        J = self._shared_rows(J_all)
+        v_P, agg_state = self.aggregator.apply(J, state.aggregator, k_agg)
+        grads = self._unflatten_shared(v_P, jax.tree.map(lambda x: x.sum(0), J_all))
+        return losses_T, w_T, grads, J, agg_state
+
+    def _step_fn(self, state: TrainState, batch, trainable, task_ids, alternating: bool):
+        """One update; returns (new state, per-step metrics)."""
+        from mtl.weighting import StepInfo
+
+        c, T = self.config, len(self.tasks)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        k_task, k_grad, k_w, k_next = jax.random.split(key, 4)
+        ids = np.asarray(task_ids)
+        if alternating:
+            if c.order == "round_robin":
+                t = jnp.asarray(ids)[state.step % len(ids)]
+            else:
+                p = (self.probs_T if self.probs_T is not None else np.ones(T, np.float32))[ids]
+                if p.sum() <= 0:
+                    names = [self.names[i] for i in ids]
+                    raise ValueError(f"probs: every task of the stage {names} has probability 0")
+                t = jnp.asarray(ids)[
+                    jax.random.choice(k_task, len(ids), p=jnp.asarray(p / p.sum()))
+                ]
+            active_T = jax.nn.one_hot(t, T)
+            mask = partition.and_masks(trainable, partition.task_mask(state.params, self.names, t))
+        else:
+            t = jnp.asarray(-1)
+            active_T = jnp.asarray(np.isin(np.arange(T), ids), jnp.float32)
+            mask = trainable
+            if len(ids) < T:  # a stage on some tasks leaves the others' own parameters alone
+                mask = partition.and_masks(
+                    mask, partition.tasks_mask(state.params, self.names, ids)
+                )
+
+        losses_T, w_T, grads, J, agg_state = self._grads(state, batch, k_grad, active_T)
+        pen, pen_grads = jax.value_and_grad(self._penalty)(state.params)
+        grads = jax.tree.map(jnp.add, grads, pen_grads)
+        loss = jnp.dot(w_T, losses_T) + pen
+
+        grads_finite = jnp.stack([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]).all()
+        finite = jnp.isfinite(losses_T).all() & grads_finite
+        ok = finite & ~state.halted
+        updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        mask = jax.tree.map(lambda m: jnp.logical_and(m, ok), mask)
+        params = jax.tree.map(jnp.where, mask, new_params, state.params)
+        opt_mask = optax.tree_utils.tree_map_params(
+            self.tx, lambda _, m: m, state.opt_state, mask, transform_non_params=lambda _: ok
+        )
+        opt_state = jax.tree.map(jnp.where, opt_mask, new_opt, state.opt_state)
+
+        next_losses = None
+        if "next_losses" in self.weighting.needs:
+            next_losses = self._losses_fn(params, state.rest, batch, k_next)[0]
+        info = StepInfo(
+            losses=losses_T, next_losses=next_losses, jacobian=J, step=state.step, key=k_w
+        )
+        new_w = self.weighting.update(state.weighting, info)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        halted = state.halted | (~finite if c.nan_policy == "stop" else jnp.zeros((), bool))
+        new_state = TrainState(
+            step=state.step + (~halted).astype(jnp.int32),
+            params=params,
+            rest=state.rest,
+            opt_state=opt_state,
+            weighting=keep(new_w, state.weighting),
+            aggregator=keep(agg_state, state.aggregator),
+            key=state.key,
+            skipped=state.skipped + (~finite & ~state.halted).astype(jnp.int32),
+            halted=halted,
+        )
+        metrics = {
+            "loss": loss,
+            "losses": losses_T,
+            "weights": w_T,
+            "finite": finite,
+            "grads_finite": grads_finite,
+            "task": t,
+            "step": state.step,
+        }
+        if c.log_every and self.num_shared:
+            metrics.update(self._log_analysis(state, batch, J, k_grad))
+        return new_state, metrics
+
+    def _log_analysis(self, state: TrainState, batch, J, key) -> dict:
+        """Gradient statistics every ``log_every`` steps; a ``lax.cond`` skips the work otherwise."""
+        from mtl import analysis
+
+        T = len(self.tasks)
+
+        def log(_):
+            Jl = J
+            if Jl is None:
+                _, vjp, _ = jax.vjp(
+                    lambda p: self._losses_fn(p, state.rest, batch, key), state.params, has_aux=True
+                )
+                Jl = self._shared_rows(jax.vmap(vjp)(jnp.eye(T))[0])
+            return analysis.summarize(Jl)
+
+        shapes = jax.eval_shape(log, None)
+        zeros = lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        logged = state.step % self.config.log_every == 0
+        return {"analysis": jax.lax.cond(logged, log, zeros, None), "logged": logged}
+
+    def _epoch_fn(self, state, batches, trainable, task_ids, alternating):
+        body = functools.partial(
+            self._step_fn, trainable=trainable, task_ids=task_ids, alternating=alternating
+        )
+        return jax.lax.scan(body, state, batches)
+
+    def run(self, state: TrainState, batches, stage: Stage) -> tuple[TrainState, dict]:
+        """Run the scanned steps of ``batches`` (leaves [S, B, ...]) in one compiled call."""
+        return self._epoch(
+            state,
+            batches,
+            self.stage_mask(state, stage),
+            task_ids=self.task_ids(stage),
+            alternating=stage.alternating,
+        )
+
+    # ------------------------------------------------------------------ eval
+    def _predict_fn(self, params, rest, batches):
+        def body(carry, batch):  # params ride in the carry so nnx sees them at the scan's level
+            model = nnx.merge(self.eval_graphdef, *carry)
+            preds, aux = model(batch["features"])
+            return carry, (preds, aux)
+
+        return jax.lax.scan(body, (params, rest), batches)[1]
+
+    def predict(self, state: TrainState, batches) -> tuple[dict, dict]:
+        """Predictions for scanned eval batches, flattened to [S·B, ...] (padding rows included)."""
+        preds, aux = self._predict(state.params, state.rest, batches)
+        flat = lambda x: x.reshape((-1,) + x.shape[2:])
+        return jax.tree.map(flat, preds), aux

@@ -1,0 +1,128 @@
+"""Checkpoints: resume is bit-identical, foreign checkpoints are refused, broken ones skipped."""
+
+import logging
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from mtl.checkpoint import Checkpointer, CheckpointMismatch
+from mtl.data import synthetic
+from mtl.data.batching import Dataset
+from mtl.models import build_model
+from mtl.runner import fit
+from mtl.train import Stage, TrainConfig, Trainer
+
+STAGES = (Stage(2), Stage(1, trainable=("towers", "heads")), Stage(1, alternating=True))
+
+
+@pytest.fixture(scope="module")
+def data():
+    f, l, fs, ts = synthetic.recsys(n=300, num_users=40, num_items=50, seed=1)
+    return Dataset(f, l, fs, ts)
+
+
+def make(data, trunk=(16,)):
+    model = build_model(
+        "shared_bottom", data.feature_specs, data.task_specs, trunk=trunk, tower=(8,), dropout=0.3
+    )
+    tr = Trainer(model, TrainConfig(learning_rate=5e-3))
+    return tr, tr.init(model, seed=3)
+
+
+def host(state):
+    return [np.array(x) for x in jax.tree.leaves(state)]
+
+
+def strip(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_resume_is_bit_identical(data, tmp_path):
+    tr, st = make(data)
+    ref_ck = Checkpointer(tmp_path / "ref", tr.fingerprint())  # same chunking, never interrupted
+    ref = fit(tr, st, data, STAGES, batch_size=64, data_seed=7, checkpointer=ref_ck, save_every=2)
+
+    calls = {"n": 0}
+
+    def stop_after_four_chunks():
+        calls["n"] += 1
+        return calls["n"] == 4
+
+    tr1, st1 = make(data)
+    ck = Checkpointer(tmp_path / "ck", tr1.fingerprint(), max_to_keep=2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            tr1,
+            st1,
+            data,
+            STAGES,
+            batch_size=64,
+            data_seed=7,
+            checkpointer=ck,
+            save_every=2,
+            should_stop=stop_after_four_chunks,
+        )
+    assert ck.steps() == [5, 7]  # chunks end at steps 2, 4, 5 (epoch end), 7: stopped there
+    tr2, st2 = make(data)  # a fresh process would build everything anew
+    res = fit(
+        tr2,
+        st2,
+        data,
+        STAGES,
+        batch_size=64,
+        data_seed=7,
+        checkpointer=Checkpointer(tmp_path / "ck", tr2.fingerprint()),
+        save_every=2,
+    )
+    for a, b in zip(host(ref.state), host(res.state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert strip(res.history) == strip(ref.history)
+    assert int(res.state.step) == 20
+
+
+def test_foreign_checkpoint_is_refused(data, tmp_path):
+    tr, st = make(data)
+    ck = Checkpointer(tmp_path / "ck", tr.fingerprint())
+    fit(tr, st, data, (Stage(1),), batch_size=100, checkpointer=ck)
+    tr2, st2 = make(data, trunk=(24,))
+    with pytest.raises(
+        CheckpointMismatch,
+        match=r"params\.trunk/layers/0/kernel: checkpoint has \[.*16\], this run has \[.*24\]",
+    ):
+        fit(
+            tr2,
+            st2,
+            data,
+            (Stage(2),),
+            batch_size=100,
+            checkpointer=Checkpointer(tmp_path / "ck", tr2.fingerprint()),
+        )
+
+
+def test_broken_latest_checkpoint_falls_back(data, tmp_path, caplog):
+    tr, st = make(data)
+    ck = Checkpointer(tmp_path / "ck", tr.fingerprint(), max_to_keep=3)
+    res = fit(tr, st, data, (Stage(2),), batch_size=100, checkpointer=ck)
+    assert ck.steps() == [3, 6]
+    latest = tmp_path / "ck" / "6" / "state"
+    for f in latest.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    tr2, st2 = make(data)
+    with caplog.at_level(logging.WARNING):
+        restored = Checkpointer(tmp_path / "ck", tr2.fingerprint()).restore(st2)
+    assert restored is not None and restored[2] == 3
+    assert "step 6" in caplog.text
+    assert int(restored[0].step) == 3
+    del res
+    shutil.rmtree(tmp_path / "ck")
+
+
+def test_unwritable_directory(data, tmp_path):
+    tr, _ = make(data)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="checkpoint directory: cannot write"):
+        Checkpointer(blocker / "sub", tr.fingerprint())

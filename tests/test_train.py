@@ -1,0 +1,234 @@
+"""Training engine: schedule semantics (what changes, what stays bit-identical), objectives, loss falls."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mtl import losses, partition
+from mtl.data import synthetic
+from mtl.data.batching import Dataset, epoch_batches
+from mtl.models import build_model
+from mtl.train import Stage, TrainConfig, Trainer, make_schedule
+
+SIZES = dict(trunk=(32,), tower=(16,))
+
+
+@pytest.fixture(scope="module")
+def data():
+    f, l, fs, ts = synthetic.recsys(n=512, num_users=50, num_items=60, seed=0)
+    return Dataset(f, l, fs, ts)
+
+
+def batches_of(ds, batch_size=64, seed=0):
+    return epoch_batches(ds, batch_size, jax.random.key(seed))
+
+
+def one_step(b, i):
+    return jax.tree.map(lambda x: x[i : i + 1], b)
+
+
+def leaves_with_paths(tree):
+    """{path: host copy} (copies, since the train state's buffers are donated to the step)."""
+    return dict(
+        zip(partition.paths(tree), [np.array(x) for x in jax.tree.leaves(tree)], strict=True)
+    )
+
+
+def adam_moments(opt_state):
+    mu = leaves_with_paths(opt_state[0].mu)
+    nu = leaves_with_paths(opt_state[0].nu)
+    return mu, nu
+
+
+@pytest.mark.parametrize("name", ["shared_bottom", "soft_sharing", "single_task"])
+def test_joint_loss_falls(data, name):
+    model = build_model(name, data.feature_specs, data.task_specs, **SIZES)
+    tr = Trainer(model, TrainConfig(learning_rate=1e-2))
+    st = tr.init(model)
+    b = batches_of(data)
+    st, m0 = tr.run(st, b, Stage(1))
+    for _ in range(6):
+        st, m = tr.run(st, b, Stage(1))
+    assert float(m["loss"].mean()) < 0.9 * float(m0["loss"].mean())
+
+
+def test_joint_step_equals_sgd_on_weighted_sum(data):
+    """One SGD step = θ − lr ∇(Σ_i λ_i L_i), the gradient taken independently with jax.grad."""
+    model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
+    lam = {"click": 0.3, "like": 2.0, "rating": 0.5}
+    tr = Trainer(model, TrainConfig(optimizer="sgd", learning_rate=0.1, weights=lam))
+    st = tr.init(model)
+    b = one_step(batches_of(data), 0)
+    batch = jax.tree.map(lambda x: x[0], b)
+
+    def objective(params):
+        m = nnx.merge(tr.graphdef, params, st.rest)
+        preds, _ = m(batch["features"])
+        tot = 0.0
+        for t in data.task_specs:
+            tot += lam[t.name] * losses.task_loss(
+                t.kind, preds[t.name], batch["labels"][t.name], batch["valid"]
+            )
+        return tot
+
+    g = jax.grad(objective)(st.params)
+    ref = jax.tree.map(lambda p, gi: np.asarray(p - 0.1 * gi), st.params, g)
+    st2, _ = tr.run(st, b, Stage(1))
+    for x, y in zip(jax.tree.leaves(st2.params), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_soft_sharing_step_includes_l2_to_mean_gradient(data):
+    """SGD step on soft sharing = θ − lr(∇Σ L_i + λ·2(θ_i − θ̄)) on the stacked columns."""
+    model = build_model("soft_sharing", data.feature_specs, data.task_specs, penalty=0.5, **SIZES)
+    tr = Trainer(model, TrainConfig(optimizer="sgd", learning_rate=0.05))
+    st = tr.init(model)
+    b = one_step(batches_of(data), 0)
+    batch = jax.tree.map(lambda x: x[0], b)
+
+    def task_sum(params):
+        m = nnx.merge(tr.graphdef, params, st.rest)
+        preds, _ = m(batch["features"])
+        return sum(
+            losses.task_loss(t.kind, preds[t.name], batch["labels"][t.name], batch["valid"])
+            for t in data.task_specs
+        )
+
+    g = jax.grad(task_sum)(st.params)
+    cols_before = leaves_with_paths(st.params["columns"])
+    st2, _ = tr.run(st, b, Stage(1))
+    cols_after = leaves_with_paths(st2.params["columns"])
+    g_cols = leaves_with_paths(g["columns"])
+    for k, x in cols_before.items():
+        x = np.asarray(x)
+        closed = 2 * (x - x.mean(0, keepdims=True))
+        np.testing.assert_allclose(
+            cols_after[k], x - 0.05 * (g_cols[k] + 0.5 * closed), rtol=1e-4, atol=1e-6
+        )
+
+
+def test_alternating_round_robin_touches_only_active_task(data):
+    model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
+    tr = Trainer(model, TrainConfig(learning_rate=1e-2))
+    st = tr.init(model)
+    b = batches_of(data)
+    names = tr.names
+    for step in range(2 * len(names)):
+        # warm the moments first so "unchanged" is a real claim about non-zero state
+        before_p, (before_mu, before_nu) = leaves_with_paths(st.params), adam_moments(st.opt_state)
+        st, m = tr.run(st, one_step(b, step % 8), Stage(1, alternating=True))
+        active = names[step % len(names)]
+        assert int(m["task"][0]) == step % len(names)
+        after_p, (after_mu, after_nu) = leaves_with_paths(st.params), adam_moments(st.opt_state)
+        for path in before_p:
+            owner = partition.owner_of(path, names)
+            same = [
+                np.array_equal(before_p[path], after_p[path]),
+                np.array_equal(before_mu[path], after_mu[path]),
+                np.array_equal(before_nu[path], after_nu[path]),
+            ]
+            if owner in ("shared", active):
+                assert not same[0] and not same[1], f"{path} should change on a {active} step"
+            else:
+                assert all(same), f"{path} (owned by {owner}) changed on a {active} step"
+
+
+def test_alternating_on_stacked_columns_changes_only_that_slice(data):
+    model = build_model("soft_sharing", data.feature_specs, data.task_specs, **SIZES)
+    tr = Trainer(model, TrainConfig(learning_rate=1e-2))
+    st = tr.init(model)
+    before = leaves_with_paths(st.params["columns"])
+    st, m = tr.run(st, one_step(batches_of(data), 0), Stage(1, alternating=True))
+    t = int(m["task"][0])
+    after = leaves_with_paths(st.params["columns"])
+    for k in before:
+        for i in range(len(tr.names)):
+            same = np.array_equal(np.asarray(before[k])[i], np.asarray(after[k])[i])
+            assert same == (i != t), (k, i, t)
+
+
+def test_alternating_sampled_follows_probabilities(data):
+    model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
+    probs = {"click": 0.75, "like": 0.25, "rating": 0.0}
+    tr = Trainer(model, TrainConfig(order="sampled", probs=probs))
+    st = tr.init(model)
+    b = batches_of(data, batch_size=8)  # 64 steps per epoch
+    counts = np.zeros(3)
+    for _ in range(4):
+        st, m = tr.run(st, b, Stage(1, alternating=True))
+        counts += np.bincount(np.asarray(m["task"]), minlength=3)
+    assert counts[2] == 0
+    assert abs(counts[0] / counts.sum() - 0.75) < 0.08  # 256 draws: 4.4 standard deviations
+
+
+def test_staged_frozen_params_bit_identical(data):
+    model = build_model("shared_bottom", data.feature_specs, data.task_specs, dropout=0.2, **SIZES)
+    tr = Trainer(model, TrainConfig(learning_rate=1e-2))
+    st = tr.init(model)
+    b = batches_of(data)
+    st, _ = tr.run(st, b, Stage(1))  # all trainable: moments become non-zero
+    before_p, (before_mu, _) = leaves_with_paths(st.params), adam_moments(st.opt_state)
+    st, _ = tr.run(st, b, Stage(1, trainable=("towers", "heads")))
+    after_p, (after_mu, _) = leaves_with_paths(st.params), adam_moments(st.opt_state)
+    for path in before_p:
+        frozen = partition.group_of(path) not in ("towers", "heads")
+        assert np.array_equal(before_p[path], after_p[path]) == frozen, path
+        assert np.array_equal(before_mu[path], after_mu[path]) == frozen, path
+
+
+def test_stage_on_some_tasks_leaves_other_towers_alone(data):
+    model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
+    tr = Trainer(model, TrainConfig(learning_rate=1e-2))
+    st = tr.init(model)
+    b = batches_of(data)
+    st, _ = tr.run(st, b, Stage(1))
+    before = leaves_with_paths(st.params)
+    st, m = tr.run(st, b, Stage(1, tasks=("rating",)))
+    after = leaves_with_paths(st.params)
+    assert np.all(np.asarray(m["weights"])[:, :2] == 0)
+    for path in before:
+        owner = partition.owner_of(path, tr.names)
+        assert np.array_equal(before[path], after[path]) == (owner in ("click", "like")), path
+
+
+def test_regex_trainable_and_errors(data):
+    model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
+    tr = Trainer(model, TrainConfig())
+    st = tr.init(model)
+    mask = leaves_with_paths(partition.selector_mask(st.params, ["towers/like/.*"]))
+    assert {p for p, m in mask.items() if m} == {p for p in mask if p.startswith("towers/like/")}
+    with pytest.raises(ValueError, match="trainable: 'tower_x' matches no parameter"):
+        tr.run(st, batches_of(data), Stage(1, trainable=("tower_x",)))
+    with pytest.raises(ValueError, match="stage tasks: unknown value 'clik'.*'click'"):
+        tr.run(st, batches_of(data), Stage(1, tasks=("clik",)))
+
+
+def test_schedule_and_config_errors(data):
+    model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
+    with pytest.raises(ValueError, match="schedule: unknown value 'joint2'"):
+        make_schedule("joint2", 1)
+    with pytest.raises(ValueError, match="stage epochs: -1"):
+        Stage(-1)
+    with pytest.raises(ValueError, match="stage trainable: empty"):
+        Stage(1, trainable=())
+    with pytest.raises(ValueError, match=r"weights: keys \['ctr'\] are not tasks"):
+        Trainer(model, TrainConfig(weights={"ctr": 1.0}))
+    with pytest.raises(ValueError, match="learning_rate"):
+        Trainer(model, TrainConfig(learning_rate=0.0))
+    assert make_schedule("staged", stages=[{"epochs": 2}, {"epochs": 1, "trainable": ["towers"]}])[
+        1
+    ].trainable == ("towers",)
+
+
+def test_custom_optax_transform_is_used(data):
+    model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
+    tr = Trainer(model, TrainConfig(), tx=optax.sgd(0.0))
+    st = tr.init(model)
+    before = leaves_with_paths(st.params)
+    st2, _ = tr.run(st, batches_of(data), Stage(1))
+    for k, v in leaves_with_paths(st2.params).items():
+        np.testing.assert_array_equal(before[k], v)
+    assert int(st2.step) == 8 and isinstance(st2.step, jnp.ndarray)
