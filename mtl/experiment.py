@@ -1,0 +1,316 @@
+"""What every study script shares: one training run from a config, the run directory
+(config.json, metrics.jsonl, results.json, results.md, curves.png, checkpoints), the results table,
+signal handling and the command-line entry that turns user errors into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtl import metrics as M
+from mtl.checkpoint import Checkpointer, CheckpointMismatch
+from mtl.data.batching import Dataset
+from mtl.models import build_model
+from mtl.runner import Divergence, evaluate, examples_per_second, fit
+from mtl.train import TrainConfig, Trainer, make_schedule
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, CheckpointMismatch, Divergence)
+
+
+class RunDir:
+    """A study's output folder: config, per-epoch metrics, results, plots and checkpoints."""
+
+    def __init__(self, path: str | os.PathLike, config: Mapping | None = None):
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / ".write_test").write_text("")
+            (self.path / ".write_test").unlink()
+        except OSError as e:
+            raise ValueError(
+                f"workdir: cannot write to {str(self.path)!r} ({e.strerror}); pass --workdir=<a writable folder>"
+            ) from e
+        if config is not None:
+            (self.path / "config.json").write_text(
+                json.dumps(_plain(config), indent=2, sort_keys=True)
+            )
+
+    def log(self, record: Mapping) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(_plain(record)) + "\n")
+
+    def checkpoint_dir(self, run_name: str) -> Path:
+        return self.path / "checkpoints" / run_name
+
+    def write_results(
+        self, dataset: str, split: str, runs: Sequence[Mapping], title: str = ""
+    ) -> str:
+        """results.json in the shared schema and results.md with the same table; returns the table."""
+        doc = {"dataset": dataset, "split": split, "runs": [_plain(r) for r in runs]}
+        (self.path / "results.json").write_text(json.dumps(doc, indent=2))
+        table = results_table(runs)
+        (self.path / "results.md").write_text(
+            f"# {title or dataset}\n\nsplit: {split}\n\n{table}\n"
+        )
+        return table
+
+
+def _plain(x: Any) -> Any:
+    """JSON-ready copy: ConfigDicts, dataclasses, numpy scalars and arrays become plain values."""
+    if hasattr(x, "to_dict"):
+        x = x.to_dict()
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        x = dataclasses.asdict(x)
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
+
+
+def run_name(r: Mapping) -> str:
+    parts = [r["model"], r["schedule"]]
+    if r.get("aggregator"):
+        parts.append(r["aggregator"])
+    if r.get("weighting") not in (None, "fixed"):
+        parts.append(r["weighting"])
+    if r.get("seed") is not None and r.get("seed") != 0:
+        parts.append(f"s{r['seed']}")
+    return "-".join(parts)
+
+
+def results_table(runs: Sequence[Mapping]) -> str:
+    """A markdown table: one row per run, per-task metrics, averages over tasks and Δm%."""
+    cols: list[tuple[str, str]] = []
+    for r in runs:
+        for task, ms in r["tasks"].items():
+            for m in ms:
+                if (task, m) not in cols:
+                    cols.append((task, m))
+    avg_cols = [
+        m
+        for m in ("accuracy", "recall", "f1", "auc")
+        if any(m in r.get("average", {}) for r in runs)
+    ]
+    head = ["run", *[f"{t} {m}" for t, m in cols], *[f"avg {m}" for m in avg_cols], "Δm%", "ex/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        cells = [run_name(r)]
+        cells += [f"{r['tasks'].get(t, {}).get(m, float('nan')):.4f}" for t, m in cols]
+        cells += [f"{r.get('average', {}).get(m, float('nan')):.4f}" for m in avg_cols]
+        dm = r.get("delta_m")
+        cells.append("—" if dm is None else f"{dm:+.2f}")
+        cells.append(f"{r.get('examples_per_second', 0):,.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def classification_average(
+    tasks: Mapping[str, Mapping[str, float]], kinds: Mapping[str, str]
+) -> dict:
+    """Mean accuracy / recall / F1 / AUC over the classification tasks (the reference design's averages)."""
+    cls = {t: m for t, m in tasks.items() if kinds.get(t) in ("binary", "multilabel", "multiclass")}
+    avg = M.average(cls) if cls else {}
+    return {k: v for k, v in avg.items() if k in ("accuracy", "precision", "recall", "f1", "auc")}
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: the run finishes its current chunk, checkpoints and exits non-zero."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def install(self) -> StopFlag:
+        def handler(signum, _frame):
+            self.signal = signum
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, handler)
+        return self
+
+
+def train_run(
+    spec: Mapping[str, Any],
+    train: Dataset,
+    test: Dataset,
+    *,
+    val: Dataset | None = None,
+    rundir: RunDir | None = None,
+    stop: Callable[[], bool] | None = None,
+    progress: bool = True,
+    mesh=None,
+) -> dict:
+    """Train one model as described by ``spec`` and return its results record.
+
+    ``spec`` keys: model, model_kwargs, schedule (joint | alternating | staged), epochs, stages,
+    batch_size, learning_rate, optimizer, weights, aggregator, aggregator_kwargs, aggregate_on,
+    weighting, weighting_kwargs, order, probs, l1, l2, seed, nan_policy, log_every, save_every.
+    """
+    spec = dict(spec)
+    seed = int(spec.get("seed", 0))
+    model = build_model(
+        spec["model"],
+        train.feature_specs,
+        train.task_specs,
+        seed=seed,
+        **dict(spec.get("model_kwargs", {})),
+    )
+    cfg = TrainConfig(
+        learning_rate=float(spec.get("learning_rate", 1e-3)),
+        optimizer=spec.get("optimizer", "adam"),
+        weights=spec.get("weights"),
+        l1=float(spec.get("l1", 0.0)),
+        l2=float(spec.get("l2", 0.0)),
+        order=spec.get("order", "round_robin"),
+        probs=spec.get("probs"),
+        aggregator=spec.get("aggregator"),
+        aggregator_kwargs=dict(spec.get("aggregator_kwargs", {})),
+        aggregate_on=spec.get("aggregate_on", "params"),
+        weighting=spec.get("weighting", "fixed"),
+        weighting_kwargs=dict(spec.get("weighting_kwargs", {})),
+        nan_policy=spec.get("nan_policy", "stop"),
+        log_every=int(spec.get("log_every", 0)),
+    )
+    trainer = Trainer(model, cfg)
+    stages = make_schedule(
+        spec.get("schedule", "joint"), int(spec.get("epochs", 1)), spec.get("stages")
+    )
+    record = {
+        "model": spec["model"],
+        "schedule": spec.get("schedule", "joint"),
+        "aggregator": spec.get("aggregator"),
+        "weighting": spec.get("weighting", "fixed"),
+        "seed": seed,
+    }
+    name = spec.get("name") or run_name(record)
+    ckpt = None
+    if rundir is not None:
+        fp = trainer.fingerprint() | {"data_seed": seed, "batch_size": int(spec["batch_size"])}
+        ckpt = Checkpointer(rundir.checkpoint_dir(name), fp, max_to_keep=int(spec.get("keep", 2)))
+
+    def on_epoch(rec: dict) -> None:
+        if rundir is not None:
+            rundir.log({"run": name, **rec})
+
+    t0 = time.perf_counter()
+    try:
+        res = fit(
+            trainer,
+            trainer.init(model, seed=seed),
+            train,
+            stages,
+            batch_size=int(spec["batch_size"]),
+            data_seed=seed,
+            eval_data=val,
+            eval_every=int(spec.get("eval_every", 1)),
+            checkpointer=ckpt,
+            save_every=int(spec.get("save_every", 0)),
+            on_epoch=on_epoch,
+            should_stop=stop,
+            progress=progress,
+            mesh=mesh,
+        )
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    seconds = time.perf_counter() - t0
+    tasks = evaluate(trainer, res.state, test, mesh=mesh)
+    kinds = {t.name: t.kind for t in train.task_specs}
+    record.update(
+        name=name,
+        tasks=tasks,
+        average=classification_average(tasks, kinds),
+        delta_m=None,
+        train_seconds=seconds,
+        examples_per_second=examples_per_second(res.history, len(train)),
+        history=res.history,
+        skipped_steps=int(res.state.skipped),
+    )
+    record["_trainer"], record["_state"] = trainer, res.state
+    return record
+
+
+def add_delta_m(runs: list[dict], baseline: str = "single_task") -> None:
+    """Fill each run's Δm% against the first run whose model is ``baseline``."""
+    base = next((r for r in runs if r["model"] == baseline), None)
+    if base is None:
+        return
+    for r in runs:
+        r["delta_m"] = M.delta_m(r["tasks"], base["tasks"])
+
+
+def public(record: Mapping) -> dict:
+    """The record without live objects (trainer, state) and without the long history."""
+    return {k: v for k, v in record.items() if not k.startswith("_") and k != "history"}
+
+
+def plot_curves(rundir: RunDir, runs: Sequence[Mapping], filename: str = "curves.png") -> Path:
+    """Training loss per epoch of every run (log scale), one line each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        h = r.get("history", [])
+        ax.plot(
+            [x["epoch"] + 1 for x in h],
+            [x["train_loss"] for x in h],
+            marker="o",
+            ms=3,
+            label=run_name(r),
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (weighted sum)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out = rundir.path / filename
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def cli(main: Callable[[Any], int | None], argv: Sequence[str] | None = None) -> None:
+    """Parse ml_collections ``--config`` flags and run ``main(config)``.
+
+    User errors (bad flags, bad config values, missing data, foreign checkpoints, divergence)
+    print one line ``error: ...`` and exit 2, without a traceback; an interrupt exits 130.
+    """
+    from absl import flags
+
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        flags.FLAGS(argv)
+        config = flags.FLAGS.config
+    except (flags.Error, ValueError, FileNotFoundError, AttributeError, KeyError) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        code = main(config)
+    except USER_ERRORS as e:
+        msg = str(e).strip().strip("'\"").splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
