@@ -50,9 +50,8 @@ class PLE(MTLModel):
         S = check_count("num_shared_experts", num_shared_experts, 0, "use 0 or more")
         if M + S < 1:
             raise ValueError(
-                f"num_task_experts, num_shared_experts: {M} and {S} leave the gates nothing to "
-                "mix; "
-                "give at least one expert of either kind"
+                f"num_task_experts, num_shared_experts: {M} and {S} leave the gates nothing "
+                "to mix; give at least one expert of either kind"
             )
         expert = check_widths("expert", expert, allow_empty=False)
         tower = check_widths("tower", tower)
