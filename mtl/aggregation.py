@@ -1,0 +1,418 @@
+"""Gradient aggregation for multi-task learning: a [T, P] Jacobian -> one [P] update direction.
+
+Each public function maps ``jacobian_TxP`` (row i = gradient of task i's loss w.r.t. the shared
+parameters, or w.r.t. the shared representation flattened to [B*H]) to the vector that replaces the
+shared gradient. Everything is pure JAX and jit-able: the small problems the methods need (min-norm
+point, dual-cone projection, bargaining equation) are solved on the [T, T] Gram matrix with
+``lax.while_loop`` solvers, never on the host. Bind hyper-parameters with ``functools.partial`` or
+``get_aggregator`` before ``jax.jit`` (``cagrad``'s ``c`` and ``nash_mtl``'s ``max_norm`` may also be
+traced; ``rescale`` must be static).
+
+Solvers: ``_qp`` is an exact primal active-set method (Lawson-Hanson style) for
+``min ½xᵀHx + pᵀx`` over ``x >= 0`` or over the simplex; it terminates in O(T) iterations, each one
+(T+1)x(T+1) linear solve, and keeps a feasible iterate throughout.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+from jax import lax
+
+from mtl.spec import closest, unknown
+
+Array = jax.Array
+PyTree = Any
+
+_HI = lax.Precision.HIGHEST
+_EPS = 1e-8  # the 1e-8 guards of the reference implementations, in normalised Gram units
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _gram(jacobian_TxP: Array) -> Array:
+    """G = J Jᵀ in at least float32, full precision (no TF32 / bf16 passes)."""
+    j = jacobian_TxP.astype(jnp.promote_types(jacobian_TxP.dtype, jnp.float32))
+    return jnp.matmul(j, j.T, precision=_HI)
+
+
+def _combine(w_T: Array, jacobian_TxP: Array) -> Array:
+    """wᵀJ in full precision."""
+    return jnp.matmul(w_T.astype(jacobian_TxP.dtype), jacobian_TxP, precision=_HI)
+
+
+def _solve(a_NxN: Array, b_N: Array) -> Array:
+    """a⁻¹b by LU with partial pivoting (cheaper to compile than jnp.linalg.solve)."""
+    return jsl.lu_solve(jsl.lu_factor(a_NxN), b_N)
+
+
+def _normalized_gram(jacobian_TxP: Array) -> Array:
+    """G / mean(diag G) (or G when J = 0); every method below is invariant to this scale."""
+    gram_TxT = _gram(jacobian_TxP)
+    scale = jnp.mean(jnp.diag(gram_TxT))
+    return gram_TxT / jnp.where(scale > 0, scale, 1.0)
+
+
+def _qp(h_TxT: Array, p_T: Array, simplex: bool, x0_T: Array | None = None) -> Array:
+    """argmin ½xᵀHx + pᵀx over x >= 0 (and 1ᵀx = 1 if simplex), H PSD: primal active set."""
+    # x0_T: optional feasible warm start (its support is the first active set).
+    t = h_TxT.shape[0]
+    eye = jnp.eye(t, dtype=h_TxT.dtype)
+    idx = jnp.arange(t)
+
+    def solve_on(mask_T):
+        # Minimiser on the face {x_i = 0 for i not in mask} (and 1ᵀx = 1): one KKT solve.
+        both = mask_T[:, None] & mask_T[None, :]
+        a_TxT = jnp.where(both, h_TxT, eye)
+        rhs_T = jnp.where(mask_T, -p_T, 0.0)
+        if simplex:
+            m_T = mask_T.astype(h_TxT.dtype)
+            k = jnp.block([[a_TxT, -m_T[:, None]], [m_T[None, :], jnp.zeros((1, 1), h_TxT.dtype)]])
+            sol = _solve(k, jnp.concatenate([rhs_T, jnp.ones((1,), h_TxT.dtype)]))
+            x_T, mu = sol[:t], sol[t]
+        else:
+            x_T, mu = _solve(a_TxT, rhs_T), jnp.zeros((), h_TxT.dtype)
+        x_T = jnp.where(mask_T & jnp.isfinite(x_T), x_T, 0.0)
+        return x_T, jnp.where(jnp.isfinite(mu), mu, 0.0)
+
+    def body(state):
+        x_T, mask_T, _, it = state
+        s_T, mu = solve_on(mask_T)
+        feasible = jnp.all(jnp.where(mask_T, s_T > 0, True))
+        # (a) s is feasible: accept it and free the most violated bound, if any.
+        grad_T = jnp.matmul(h_TxT, s_T, precision=_HI) + p_T - mu
+        tol = 1e-6 * (jnp.max(jnp.abs(h_TxT) @ jnp.abs(s_T)) + jnp.max(jnp.abs(p_T)) + jnp.abs(mu))
+        cand_T = ~mask_T & (grad_T < -tol)
+        j = jnp.argmin(jnp.where(cand_T, grad_T, jnp.inf))
+        add = jnp.any(cand_T)
+        mask_a = mask_T | (add & (idx == j))
+        # (b) s is infeasible: move from x towards s until a coordinate hits 0, and fix it there.
+        ratio_T = jnp.where(mask_T & (s_T <= 0), x_T / jnp.maximum(x_T - s_T, 1e-30), jnp.inf)
+        k = jnp.argmin(ratio_T)
+        alpha = jnp.clip(ratio_T[k], 0.0, 1.0)
+        x_b = x_T + alpha * (s_T - x_T)
+        mask_b = mask_T & (x_b > 0) & (idx != k)
+        x_b = jnp.where(mask_b, x_b, 0.0)
+        x_T = jnp.where(feasible, s_T, x_b)
+        mask_T = jnp.where(feasible, mask_a, mask_b)
+        return x_T, mask_T, feasible & ~add, it + 1
+
+    if x0_T is not None:
+        x0, mask0 = x0_T, x0_T > 0
+    elif simplex:  # start at the best vertex
+        j0 = jnp.argmin(0.5 * jnp.diag(h_TxT) + p_T)
+        x0, mask0 = (idx == j0).astype(h_TxT.dtype), idx == j0
+    else:
+        x0, mask0 = jnp.zeros(t, h_TxT.dtype), jnp.zeros(t, bool)
+    state = (x0, mask0, jnp.array(False), jnp.array(0))
+    x_T, *_ = lax.while_loop(lambda s: ~s[2] & (s[3] < 10 * t + 10), body, state)
+    return x_T
+
+
+def _project_weights(u_T: Array, gram_TxT: Array) -> Array:
+    """Weights of the projection of uᵀJ onto the dual cone {v: Jv >= 0}: argmin_{w >= u} wᵀGw."""
+    # w = u + μ, μ = argmin_{μ >= 0} ½μᵀGμ + μᵀGu, solved in Jacobi-scaled y = √diag(G) μ so that
+    # every constraint g_i·v >= 0 is enforced relative to |g_i| (tiny rows are not drowned out).
+    diag_T = jnp.diag(gram_TxT)
+    inv_T = jnp.where(diag_T > 0, 1.0 / jnp.sqrt(jnp.where(diag_T > 0, diag_T, 1.0)), 1.0)
+    q_T = jnp.matmul(gram_TxT, u_T, precision=_HI)
+    y_T = _qp(gram_TxT * inv_T[:, None] * inv_T, q_T * inv_T, simplex=False)
+    return u_T + y_T * inv_T
+
+
+def _torchjd_gram(jacobian_TxP: Array, reg_eps: float) -> Array:
+    """TorchJD's normalised, regularised Gram: G / tr(G) + reg_eps·I (G / tr(G) := 0 when J = 0)."""
+    gram_TxT = _gram(jacobian_TxP)
+    trace = jnp.trace(gram_TxT)
+    gram_TxT = jnp.where(trace > 0, gram_TxT / jnp.where(trace > 0, trace, 1.0), 0.0)
+    return gram_TxT + reg_eps * jnp.eye(gram_TxT.shape[0], dtype=gram_TxT.dtype)
+
+
+def _random_orders(key: Array, t: int) -> Array:
+    """Row i: the other T-1 task indices in a random order (its own permutation per row)."""
+    u_TxT = jax.random.uniform(key, (t, t))
+    u_TxT = jnp.where(jnp.eye(t, dtype=bool), jnp.inf, u_TxT)
+    return jnp.argsort(u_TxT, axis=1)[:, : t - 1]
+
+
+# --------------------------------------------------------------------------------------------------
+# aggregators
+
+
+def mean(jacobian_TxP: Array) -> Array:
+    """d = (1/T) Σ_i g_i."""
+    t = jacobian_TxP.shape[0]
+    return _combine(jnp.full((t,), 1.0 / t, jacobian_TxP.dtype), jacobian_TxP)
+
+
+def sum(jacobian_TxP: Array) -> Array:
+    """d = Σ_i g_i."""
+    return _combine(jnp.ones(jacobian_TxP.shape[0], jacobian_TxP.dtype), jacobian_TxP)
+
+
+def pcgrad(jacobian_TxP: Array, key: Array) -> Array:
+    """PCGrad (Yu et al. 2020): d = Σ_i g_i', g_i' -= (g_i'·g_j/|g_j|²) g_j if g_i'·g_j < 0."""
+    # j runs over the other tasks in a random order drawn per task from ``key``.
+    t = jacobian_TxP.shape[0]
+    gram_TxT = _normalized_gram(jacobian_TxP)
+    order_TxTm1 = _random_orders(key, t)
+    coef_TxT = jnp.eye(t, dtype=gram_TxT.dtype)  # projected g_i = coef[i] @ J
+    for step in range(t - 1):  # trace-time loop over T; every task projects in parallel
+        sel_TxT = jax.nn.one_hot(order_TxTm1[:, step], t, dtype=gram_TxT.dtype)  # row i: e_j(i)
+        dot_T = jnp.sum(jnp.matmul(coef_TxT, gram_TxT, precision=_HI) * sel_TxT, axis=1)
+        sq_T = jnp.sum(jnp.diag(gram_TxT) * sel_TxT, axis=1)  # |g_j|²
+        shift_T = jnp.where((dot_T < 0) & (sq_T > 0), dot_T / jnp.where(sq_T > 0, sq_T, 1.0), 0.0)
+        coef_TxT = coef_TxT - shift_T[:, None] * sel_TxT
+    return _combine(jnp.sum(coef_TxT, axis=0), jacobian_TxP)
+
+
+def mgda(jacobian_TxP: Array) -> Array:
+    """MGDA (Désidéri 2012; Sener & Koltun 2018): d = wᵀJ, w = argmin_{w ∈ Δ} ||wᵀJ||² (exact)."""
+    gram_TxT = _normalized_gram(jacobian_TxP)
+    w_T = _qp(gram_TxT, jnp.zeros(gram_TxT.shape[0], gram_TxT.dtype), simplex=True)
+    return _combine(w_T, jacobian_TxP)
+
+
+def cagrad(jacobian_TxP: Array, c: float = 0.5, rescale: int = 1) -> Array:
+    """CAGrad (Liu et al. 2021): d = g0 + c|g0| g_w/|g_w|, w = argmin_Δ g_w·g0 + c|g0||g_w|."""
+    # rescale as the official code: 0 -> d, 1 (default) -> d / (1 + c²), 2 -> d / (1 + c).
+    t = jacobian_TxP.shape[0]
+    gram_TxT = _normalized_gram(jacobian_TxP)
+    b_T = jnp.full((t,), 1.0 / t, gram_TxT.dtype)
+    gb_T = jnp.matmul(gram_TxT, b_T, precision=_HI)
+    radius = c * jnp.sqrt(jnp.maximum(b_T @ gb_T, 0.0))  # c·|g0|
+    ok = radius > 1e-12
+    safe_radius = jnp.where(ok, radius, 1.0)
+
+    # Majorise-minimise on the dual: |x| <= |x|²/(2τ) + τ/2 at τ = |x_k| turns the dual into the
+    # simplex QP min ½wᵀGw + s·wᵀG b with s = |x_k| / (c|g0|), solved exactly (active set, warm
+    # started). The scalar fixed point s = h(s) is accelerated by Steffensen (Aitken Δ²) steps.
+    def h(s, w_T):
+        w_T = _qp(gram_TxT, s * gb_T, simplex=True, x0_T=w_T)
+        return jnp.sqrt(jnp.maximum(w_T @ gram_TxT @ w_T, 0.0)) / safe_radius, w_T
+
+    def body(state):
+        s0, w_T, _, it = state
+        s1, w_T = h(s0, w_T)
+        s2, w_T = h(s1, w_T)
+        den = s2 - 2.0 * s1 + s0
+        aitken = s0 - (s1 - s0) ** 2 / jnp.where(den != 0, den, 1.0)
+        good = (den != 0) & jnp.isfinite(aitken) & (aitken > 0)
+        done = jnp.abs(s2 - s1) <= 1e-6 * s2
+        return jnp.where(done | ~good, s2, aitken), w_T, done, it + 1
+
+    s0 = jnp.where(ok, jnp.sqrt(jnp.maximum(b_T @ gb_T, 0.0)) / safe_radius, 0.0)
+    state = (s0, b_T, ~ok, jnp.array(0))
+    _, w_T, _, _ = lax.while_loop(lambda s: ~s[2] & (s[3] < 50), body, state)
+    gw_norm = jnp.sqrt(jnp.maximum(w_T @ gram_TxT @ w_T, 0.0))
+    lam = jnp.where(ok & (gw_norm > 1e-6 * radius), radius / jnp.maximum(gw_norm, 1e-30), 0.0)
+    denom = {0: 1.0, 1: 1.0 + c**2, 2: 1.0 + c}[rescale]
+    return _combine((b_T + lam * w_T) / denom, jacobian_TxP)
+
+
+def imtl_g(jacobian_TxP: Array) -> Array:
+    """IMTL-G (Liu et al. 2021): d = Σ α_i g_i, Σ α = 1, with equal projections d·g_i/|g_i| ∀i."""
+    t = jacobian_TxP.shape[0]
+    gram_TxT = _normalized_gram(jacobian_TxP)
+    n_T = jnp.sqrt(jnp.maximum(jnp.diag(gram_TxT), 0.0))
+    act_T = n_T > 1e-10  # zero rows get α_i = 0 (no direction to be impartial to)
+    rows_TxT = jnp.where(act_T[:, None], gram_TxT / jnp.where(act_T, n_T, 1.0)[:, None], 0.0)
+    rows_TxT = jnp.where(act_T[:, None], rows_TxT, jnp.eye(t, dtype=gram_TxT.dtype))
+    a = act_T.astype(gram_TxT.dtype)
+    # [u_i·g_j]_ij α - s·1 = 0 on active rows, α_i = 0 on zero rows, Σ α = 1.
+    k = jnp.block([[rows_TxT, -a[:, None]], [jnp.ones((1, t), gram_TxT.dtype), jnp.zeros((1, 1))]])
+    rhs = jnp.zeros(t + 1, gram_TxT.dtype).at[t].set(1.0)
+    alpha_T = jnp.linalg.lstsq(k, rhs)[0][:t]
+    return _combine(jnp.where(act_T, alpha_T, 0.0), jacobian_TxP)
+
+
+def aligned_mtl(jacobian_TxP: Array) -> Array:
+    """Aligned-MTL (Senushkin et al. 2023): d = Jᵀ B 1, B = σ_min G^{-1/2} (rank-truncated)."""
+    t = jacobian_TxP.shape[0]
+    gram_TxT = _normalized_gram(jacobian_TxP)
+    lam_T, v_TxT = jnp.linalg.eigh(gram_TxT)
+    tol = jnp.max(lam_T) * t * jnp.finfo(gram_TxT.dtype).eps
+    pos_T = lam_T > tol
+    inv_sqrt_T = jnp.where(pos_T, 1.0 / jnp.sqrt(jnp.where(pos_T, lam_T, 1.0)), 0.0)
+    sigma_min = jnp.sqrt(jnp.min(jnp.where(pos_T, lam_T, jnp.inf)))
+    b_TxT = sigma_min * (v_TxT * inv_sqrt_T) @ v_TxT.T
+    b_TxT = jnp.where(jnp.any(pos_T), b_TxT, jnp.eye(t, dtype=gram_TxT.dtype))
+    return _combine(jnp.sum(b_TxT, axis=1), jacobian_TxP)
+
+
+def upgrad(jacobian_TxP: Array, reg_eps: float = 0.0) -> Array:
+    """UPGrad (Quinton & Rey 2024, TorchJD): d = (1/T) Σ_i π(g_i), π onto the cone {v: Jv >= 0}."""
+    t = jacobian_TxP.shape[0]
+    gram_TxT = _torchjd_gram(jacobian_TxP, reg_eps)
+    u_TxT = jnp.eye(t, dtype=gram_TxT.dtype) / t
+    w_TxT = jax.vmap(_project_weights, in_axes=(0, None))(u_TxT, gram_TxT)
+    return _combine(jnp.sum(w_TxT, axis=0), jacobian_TxP)
+
+
+def dualproj(jacobian_TxP: Array, reg_eps: float = 0.0) -> Array:
+    """DualProj (TorchJD): d = π_{J}(mean g), the projection of the mean onto {v: Jv >= 0}."""
+    t = jacobian_TxP.shape[0]
+    gram_TxT = _torchjd_gram(jacobian_TxP, reg_eps)
+    w_T = _project_weights(jnp.full((t,), 1.0 / t, gram_TxT.dtype), gram_TxT)
+    return _combine(w_T, jacobian_TxP)
+
+
+def nash_mtl(jacobian_TxP: Array, max_norm: float = 1.0, reg_eps: float = 1e-7) -> Array:
+    """Nash-MTL (Navon et al. 2022): d = αᵀJ, α > 0 solving Gα = 1/α, clipped to |d| <= max_norm."""
+    t = jacobian_TxP.shape[0]
+    gram_TxT = _gram(jacobian_TxP)
+    diag_T = jnp.diag(gram_TxT)
+    act_T = diag_T > 1e-12 * jnp.max(diag_T)  # zero rows are decoupled from the rest: α_i := 0
+    inv_T = jnp.where(act_T, 1.0 / jnp.sqrt(jnp.where(act_T, diag_T, 1.0)), 0.0)
+    eye = jnp.eye(t, dtype=gram_TxT.dtype)
+    # Jacobi scaling β = √diag(G) α turns Gα = 1/α into Cβ = 1/β, C the unit-diagonal cosine matrix.
+    c_TxT = jnp.where(act_T[:, None] & act_T[None, :], gram_TxT * inv_T[:, None] * inv_T, eye)
+    c_TxT = c_TxT + reg_eps * eye
+    # Cβ = 1/β is the stationarity condition of the self-concordant f(β) = ½βᵀCβ - Σ log β_i:
+    # damped Newton (step 1/(1+λ) until the decrement λ < 1/4) stays in β > 0 and converges.
+
+    def body(state):
+        b_T, _, it = state
+        g_T = c_TxT @ b_T - 1.0 / b_T
+        step_T = -jsl.cho_solve(jsl.cho_factor(c_TxT + jnp.diag(1.0 / b_T**2)), g_T)
+        lam = jnp.sqrt(jnp.maximum(-g_T @ step_T, 0.0))
+        b_T = b_T + jnp.where(lam < 0.25, 1.0, 1.0 / (1.0 + lam)) * step_T
+        return jnp.maximum(b_T, 1e-30), lam**2 < 1e-12 * t, it + 1
+
+    state = (jnp.ones(t, gram_TxT.dtype), jnp.array(False), 0)
+    b_T, _, _ = lax.while_loop(lambda s: ~s[1] & (s[2] < 100), body, state)
+    a_T = b_T * inv_T
+    norm = jnp.sqrt(jnp.maximum(a_T @ gram_TxT @ a_T, 0.0))
+    clip = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+    a_T = a_T * jnp.where(max_norm > 0, clip, 1.0)  # max_norm = 0: no clipping
+    return _combine(a_T, jacobian_TxP)
+
+
+def graddrop(jacobian_TxP: Array, key: Array) -> Array:
+    """GradDrop (Chen et al. 2020): P = ½(1 + Σg/Σ|g|); keep g_i > 0 if P > U, g_i < 0 if P < U."""
+    ones_T = jnp.ones(jacobian_TxP.shape[0], jacobian_TxP.dtype)
+    total_P = _combine(ones_T, jacobian_TxP)  # sums over T as matmuls: fast on every backend
+    purity_P = 0.5 * (1.0 + total_P / (_combine(ones_T, jnp.abs(jacobian_TxP)) + 1e-30))
+    u_P = jax.random.uniform(key, purity_P.shape, purity_P.dtype)
+    keep_TxP = ((purity_P > u_P) & (jacobian_TxP > 0)) | ((purity_P < u_P) & (jacobian_TxP < 0))
+    return _combine(ones_T, jnp.where(keep_TxP, jacobian_TxP, 0.0))
+
+
+def gradvac(
+    jacobian_TxP: Array, target_TxT: Array, key: Array, beta: float = 0.01
+) -> tuple[Array, Array]:
+    """GradVac (Wang et al. 2021): g_i' += w g_j lifting cos(g_i', g_j) = ρ to its EMA target φ̂."""
+    # w = |g_i'|(φ̂√(1-ρ²) - ρ√(1-φ̂²)) / (|g_j|√(1-φ̂²)) when ρ < φ̂_ij; φ̂_ij ← (1-β)φ̂_ij + βρ.
+    # j runs over the other tasks in a random order per task; one parameter group (whole model).
+    t = jacobian_TxP.shape[0]
+    gram_TxT = _normalized_gram(jacobian_TxP)
+    norm_T = jnp.sqrt(jnp.maximum(jnp.diag(gram_TxT), 0.0))
+    order_TxTm1 = _random_orders(key, t)
+    coef_TxT = jnp.eye(t, dtype=gram_TxT.dtype)  # vaccinated g_i = coef[i] @ J
+    for step in range(t - 1):  # trace-time loop over T; every task is vaccinated in parallel
+        sel_TxT = jax.nn.one_hot(order_TxTm1[:, step], t, dtype=gram_TxT.dtype)  # row i: e_j(i)
+        cg_TxT = jnp.matmul(coef_TxT, gram_TxT, precision=_HI)
+        pc_norm_T = jnp.sqrt(jnp.maximum(jnp.sum(cg_TxT * coef_TxT, axis=1), 0.0))
+        gj_norm_T = jnp.sum(norm_T * sel_TxT, axis=1)
+        rho_T = jnp.sum(cg_TxT * sel_TxT, axis=1) / (pc_norm_T * gj_norm_T + _EPS)
+        rho_T = jnp.clip(rho_T, -1.0, 1.0)
+        phi_T = jnp.sum(target_TxT * sel_TxT, axis=1)
+        root_T = jnp.sqrt(jnp.maximum(1.0 - phi_T**2, 0.0))
+        w_T = (
+            pc_norm_T
+            * (phi_T * jnp.sqrt(1.0 - rho_T**2) - rho_T * root_T)
+            / (gj_norm_T * root_T + _EPS)
+        )
+        coef_TxT = coef_TxT + jnp.where(rho_T < phi_T, w_T, 0.0)[:, None] * sel_TxT
+        new_T = (1.0 - beta) * phi_T + beta * rho_T
+        target_TxT = jnp.where(sel_TxT > 0, new_T[:, None], target_TxT)
+    return _combine(jnp.sum(coef_TxT, axis=0), jacobian_TxP), target_TxT
+
+
+def config(jacobian_TxP: Array) -> Array:
+    """ConFIG (Liu et al. 2024): u = pinv([g_i/|g_i|]) 1, d = (Σ_i g_i·û) û with û = u/|u|."""
+    gram_TxT = _normalized_gram(jacobian_TxP)
+    n_T = jnp.sqrt(jnp.maximum(jnp.diag(gram_TxT), 0.0))
+    inv_T = jnp.where(n_T > 1e-10, 1.0 / jnp.where(n_T > 1e-10, n_T, 1.0), 0.0)
+    unit_gram_TxT = gram_TxT * inv_T[:, None] * inv_T[None, :]
+    # pinv(U) 1 = Uᵀ (U Uᵀ)⁺ 1 = Jᵀ c with c = D⁻¹ (U Uᵀ)⁺ 1 (zero rows drop out of U).
+    c_T = inv_T * jnp.matmul(jnp.linalg.pinv(unit_gram_TxT, hermitian=True), jnp.ones_like(n_T))
+    gc_T = jnp.matmul(gram_TxT, c_T, precision=_HI)
+    sq = c_T @ gc_T  # |u|²
+    length = jnp.where(sq > 0, jnp.sum(gc_T) / jnp.where(sq > 0, sq, 1.0), 0.0)  # (Σ g_i·û) / |u|
+    return _combine(length * c_T, jacobian_TxP)
+
+
+# --------------------------------------------------------------------------------------------------
+# registry
+
+
+class Aggregator(NamedTuple):
+    """A uniform (stateful) interface: ``vector_P, state = apply(jacobian_TxP, state, key)``."""
+
+    init: Callable[[int, int], PyTree]
+    apply: Callable[[Array, PyTree, Array], tuple[Array, PyTree]]
+
+
+_FUNCS: dict[str, Callable[..., Any]] = {
+    "mean": mean,
+    "sum": sum,
+    "pcgrad": pcgrad,
+    "mgda": mgda,
+    "cagrad": cagrad,
+    "imtl_g": imtl_g,
+    "aligned_mtl": aligned_mtl,
+    "upgrad": upgrad,
+    "dualproj": dualproj,
+    "nash_mtl": nash_mtl,
+    "graddrop": graddrop,
+    "gradvac": gradvac,
+    "config": config,
+}
+AGGREGATORS: tuple[str, ...] = tuple(_FUNCS)
+_ARGS = ("jacobian_TxP", "target_TxT", "key")
+
+
+def _check(name: str, hparams: dict[str, Any]) -> None:
+    """Reject hyper-parameter values the papers do not define."""
+    if name == "cagrad":
+        if not hparams.get("c", 0.5) >= 0:
+            raise ValueError(f"aggregator 'cagrad' c: {hparams['c']} must be >= 0")
+        if hparams.get("rescale", 1) not in (0, 1, 2):
+            raise ValueError(f"aggregator 'cagrad' rescale: {hparams['rescale']} must be 0, 1 or 2")
+    if name == "gradvac" and not 0 <= hparams.get("beta", 0.01) <= 1:
+        raise ValueError(f"aggregator 'gradvac' beta: {hparams['beta']} must be in [0, 1]")
+    for k in ("reg_eps", "max_norm"):
+        if k in hparams and not hparams[k] >= 0:
+            raise ValueError(f"aggregator {name!r} {k}: {hparams[k]} must be >= 0")
+
+
+def get_aggregator(name: str, **hparams: Any) -> Aggregator:
+    """The registered aggregator ``name`` with its hyper-parameters bound."""
+    if name not in _FUNCS:
+        raise unknown("aggregator", name, AGGREGATORS)
+    fn = _FUNCS[name]
+    params = inspect.signature(fn).parameters
+    valid = [p for p in params if p not in _ARGS]
+    for k in hparams:
+        if k not in valid:
+            hint = closest(k, valid) if valid else f"{name!r} takes no hyper-parameters"
+            raise ValueError(f"aggregator {name!r}: unknown hyper-parameter {k!r}; {hint}")
+    _check(name, hparams)
+    fn = functools.partial(fn, **hparams)
+    if name == "gradvac":
+        return Aggregator(
+            init=lambda t, p: jnp.zeros((t, t), jnp.float32),
+            apply=lambda jac, state, key: fn(jac, state, key),
+        )
+    if "key" in params:
+        return Aggregator(init=lambda t, p: (), apply=lambda jac, state, key: (fn(jac, key), state))
+    return Aggregator(init=lambda t, p: (), apply=lambda jac, state, key: (fn(jac), state))

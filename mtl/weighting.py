@@ -1,0 +1,248 @@
+"""Loss weighting for multi-task learning: per-task weights λ_T for the loss Σ_i λ_i L_i.
+
+A ``Weighting`` is three pure, jit-able functions over a state of arrays (checkpointable):
+``weights(state, losses_T, key) -> λ_T`` gives this step's loss weights (stop-gradient: no gradient
+flows into the state through them), and ``update(state, StepInfo) -> state`` runs after the step
+with what the method ``needs`` ("jacobian": per-task gradients [T, P] of the unweighted losses;
+"next_losses": the losses on the same batch after the update).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mtl.spec import closest, unknown
+
+Array = jax.Array
+PyTree = Any
+
+
+class StepInfo(NamedTuple):
+    """What ``Weighting.update`` sees after a training step."""
+
+    losses: Array  # [T] task losses at the current params (before the update)
+    next_losses: Array | None  # [T] losses on the same batch after the update
+    jacobian: Array | None  # [T, P] per-task gradients of the unweighted losses (shared params)
+    step: Array  # int32 scalar
+    key: Array  # PRNG key
+
+
+class Weighting(NamedTuple):
+    """init(T) -> state; weights(state, losses_T, key) -> λ_T; update(state, info) -> state."""
+
+    init: Callable[[int], PyTree]
+    weights: Callable[[PyTree, Array, Array], Array]
+    update: Callable[[PyTree, StepInfo], PyTree]
+    needs: frozenset[str]
+
+
+def _stateless(weights_fn: Callable[[Array, Array], Array]) -> Weighting:
+    return Weighting(
+        init=lambda t: (),
+        weights=lambda state, losses_T, key: jax.lax.stop_gradient(weights_fn(losses_T, key)),
+        update=lambda state, info: state,
+        needs=frozenset(),
+    )
+
+
+def _stop(fn: Callable[[PyTree, Array, Array], Array]) -> Callable[[PyTree, Array, Array], Array]:
+    return lambda state, losses_T, key: jax.lax.stop_gradient(fn(state, losses_T, key))
+
+
+# --------------------------------------------------------------------------------------------------
+# methods
+
+
+def fixed(num_tasks: int, weights: Sequence[float] | None = None) -> Weighting:
+    """λ = the configured weights (default 1 each)."""
+    w = (1.0,) * num_tasks if weights is None else tuple(float(x) for x in weights)
+    if len(w) != num_tasks:
+        raise ValueError(f"weighting 'fixed' weights: got {len(w)} values for {num_tasks} tasks")
+    if not all(x >= 0 for x in w):
+        raise ValueError(f"weighting 'fixed' weights: {w} must all be >= 0")
+    return _stateless(lambda losses_T, key: jnp.asarray(w, losses_T.dtype))
+
+
+def uncertainty(num_tasks: int, lr: float = 0.01, init_log_var: float = 0.0) -> Weighting:
+    """Kendall et al. 2018: λ = exp(-s); s -= lr ∇_s Σ_i exp(-s_i) L_i + s_i (optimum s = log L)."""
+    # No ½ factor: Kendall's regression form ½exp(-s)L + ½s has the same optimum s = log L and
+    # halves every λ, i.e. only rescales the learning rate; we use the classification form for all.
+
+    def update(state, info):
+        s_T = state["log_var"]
+        grad_T = 1.0 - jnp.exp(-s_T) * jax.lax.stop_gradient(info.losses)
+        return {"log_var": s_T - lr * grad_T}
+
+    return Weighting(
+        init=lambda t: {"log_var": jnp.full((t,), init_log_var, jnp.float32)},
+        weights=_stop(lambda state, losses_T, key: jnp.exp(-state["log_var"])),
+        update=update,
+        needs=frozenset(),
+    )
+
+
+def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025) -> Weighting:
+    """Chen et al. 2018: G_i = w_i|∇_W L_i|; w -= lr ∇_w Σ_i |G_i - mean(G) r_i^α|; Σ w = T."""
+    # The target mean(G) r_i^α is a constant in the gradient (as in the paper); r_i = L_i(t)/L_i(0)
+    # over its mean; the jacobian rows must be gradients of the UNWEIGHTED task losses. The gradient
+    # sign(G_i - target_i)|∇_W L_i| is divided by mean_j |∇_W L_j| so that lr is scale-free.
+
+    def update(state, info):
+        if info.jacobian is None:
+            raise ValueError(
+                "weighting 'gradnorm' needs StepInfo.jacobian (grads of the last layer)"
+            )
+        t = state["w"].shape[0]
+        losses_T = jax.lax.stop_gradient(info.losses)
+        loss0_T = jnp.where(state["has_loss0"] > 0, state["loss0"], losses_T)  # L_i(0)
+        w_T = state["w"]
+        norm_T = jnp.sqrt(jnp.sum(jnp.square(info.jacobian), axis=1))  # |∇_W L_i|
+        g_T = w_T * norm_T
+        ratio_T = jnp.where(loss0_T > 0, losses_T / jnp.where(loss0_T > 0, loss0_T, 1.0), 1.0)
+        mean_ratio = jnp.mean(ratio_T)
+        r_T = jnp.where(mean_ratio > 0, ratio_T / jnp.where(mean_ratio > 0, mean_ratio, 1.0), 1.0)
+        target_T = jnp.mean(g_T) * r_T**alpha
+        scale = jnp.mean(norm_T)
+        grad_T = jnp.sign(g_T - target_T) * norm_T / jnp.where(scale > 0, scale, 1.0)
+        w_T = jnp.maximum(w_T - lr * grad_T, 1e-6)
+        return {
+            "w": t * w_T / jnp.sum(w_T),
+            "loss0": loss0_T,
+            "has_loss0": jnp.ones((), jnp.int32),
+        }
+
+    return Weighting(
+        init=lambda t: {
+            "w": jnp.ones((t,), jnp.float32),
+            "loss0": jnp.ones((t,), jnp.float32),
+            "has_loss0": jnp.zeros((), jnp.int32),
+        },
+        weights=_stop(lambda state, losses_T, key: state["w"]),
+        update=update,
+        needs=frozenset({"jacobian"}),
+    )
+
+
+def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1) -> Weighting:
+    """Liu et al. 2019: λ = T softmax(r/τ), r_i = L̄_i(k-1) / L̄_i(k-2) over the last two periods."""
+    # The paper averages losses per epoch (period = steps per epoch). The default period = 1 uses
+    # step-level ratios of consecutive mini-batch losses (noisier; τ = 2 keeps λ near 1).
+
+    def update(state, info):
+        total_T = state["total"] + jax.lax.stop_gradient(info.losses)
+        count = state["count"] + 1
+        done = count >= period
+        return {
+            "total": jnp.where(done, 0.0, total_T),
+            "count": jnp.where(done, 0, count),
+            "prev": jnp.where(done, total_T / count, state["prev"]),
+            "prev2": jnp.where(done, state["prev"], state["prev2"]),
+            "periods": state["periods"] + done.astype(jnp.int32),
+        }
+
+    def weights(state, losses_T, key):
+        t = losses_T.shape[0]
+        r_T = state["prev"] / jnp.maximum(state["prev2"], 1e-12)
+        lam_T = t * jax.nn.softmax(r_T / temperature)
+        return jnp.where(state["periods"] >= 2, lam_T, jnp.ones_like(lam_T))
+
+    return Weighting(
+        init=lambda t: {
+            "total": jnp.zeros((t,), jnp.float32),
+            "count": jnp.zeros((), jnp.int32),
+            "prev": jnp.ones((t,), jnp.float32),
+            "prev2": jnp.ones((t,), jnp.float32),
+            "periods": jnp.zeros((), jnp.int32),
+        },
+        weights=_stop(weights),
+        update=update,
+        needs=frozenset(),
+    )
+
+
+def rlw(num_tasks: int) -> Weighting:
+    """Lin et al. 2021: λ = T softmax(z), z ~ N(0, I) drawn from the step's key."""
+    return _stateless(
+        lambda losses_T, key: (
+            losses_T.shape[0]
+            * jax.nn.softmax(jax.random.normal(key, losses_T.shape, losses_T.dtype))
+        )
+    )
+
+
+def famo(num_tasks: int, gamma: float = 1e-3, lr: float = 0.025) -> Weighting:
+    """FAMO (Liu et al. 2023): λ_i ∝ z_i/L_i, z = softmax(ξ); ξ -= Adam(J_zᵀ log(L/L') + γξ)."""
+    # As the official code: λ sums to 1, Adam (β = 0.9, 0.999, eps 1e-8) with coupled weight decay γ
+    # (torch.optim.Adam(weight_decay=γ)), minimum losses taken as 0 (+1e-8).
+    b1, b2, eps = 0.9, 0.999, 1e-8
+
+    def weights(state, losses_T, key):
+        z_T = jax.nn.softmax(state["xi"])
+        zl_T = z_T / (losses_T + 1e-8)
+        return zl_T / jnp.sum(zl_T)
+
+    def update(state, info):
+        if info.next_losses is None:
+            raise ValueError("weighting 'famo' needs StepInfo.next_losses")
+        xi_T = state["xi"]
+        z_T = jax.nn.softmax(xi_T)
+        delta_T = jnp.log(info.losses + 1e-8) - jnp.log(info.next_losses + 1e-8)
+        grad_T = z_T * (delta_T - jnp.dot(z_T, delta_T)) + gamma * xi_T  # J_softmaxᵀ δ + γξ
+        count = state["count"] + 1
+        m_T = b1 * state["m"] + (1 - b1) * grad_T
+        v_T = b2 * state["v"] + (1 - b2) * grad_T**2
+        m_hat = m_T / (1 - b1**count)
+        v_hat = v_T / (1 - b2**count)
+        xi_T = xi_T - lr * m_hat / (jnp.sqrt(v_hat) + eps)
+        return {"xi": jax.lax.stop_gradient(xi_T), "m": m_T, "v": v_T, "count": count}
+
+    return Weighting(
+        init=lambda t: {
+            "xi": jnp.zeros((t,), jnp.float32),
+            "m": jnp.zeros((t,), jnp.float32),
+            "v": jnp.zeros((t,), jnp.float32),
+            "count": jnp.zeros((), jnp.int32),
+        },
+        weights=_stop(weights),
+        update=update,
+        needs=frozenset({"next_losses"}),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# registry
+
+_FUNCS: dict[str, Callable[..., Weighting]] = {
+    "fixed": fixed,
+    "uncertainty": uncertainty,
+    "gradnorm": gradnorm,
+    "dwa": dwa,
+    "rlw": rlw,
+    "famo": famo,
+}
+WEIGHTINGS: tuple[str, ...] = tuple(_FUNCS)
+
+
+def get_weighting(name: str, num_tasks: int, **hparams: Any) -> Weighting:
+    """The registered loss weighting ``name`` for ``num_tasks`` tasks with its hyper-parameters."""
+    if name not in _FUNCS:
+        raise unknown("weighting", name, WEIGHTINGS)
+    if int(num_tasks) < 1:
+        raise ValueError(f"weighting {name!r}: num_tasks {num_tasks} must be >= 1")
+    fn = _FUNCS[name]
+    valid = [p for p in inspect.signature(fn).parameters if p != "num_tasks"]
+    for k in hparams:
+        if k not in valid:
+            hint = closest(k, valid) if valid else f"{name!r} takes no hyper-parameters"
+            raise ValueError(f"weighting {name!r}: unknown hyper-parameter {k!r}; {hint}")
+    for k in ("lr", "temperature", "gamma", "alpha"):
+        if k in hparams and not hparams[k] >= 0:
+            raise ValueError(f"weighting {name!r} {k}: {hparams[k]} must be >= 0")
+    if name == "dwa" and int(hparams.get("period", 1)) < 1:
+        raise ValueError(f"weighting 'dwa' period: {hparams['period']} must be >= 1")
+    return fn(int(num_tasks), **hparams)

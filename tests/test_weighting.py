@@ -1,0 +1,193 @@
+"""Loss weightings vs closed forms and independent numpy re-implementations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl import weighting as wt
+
+KEY = jax.random.key(0)
+
+
+def _info(losses, next_losses=None, jacobian=None, step=0):
+    return wt.StepInfo(
+        losses=jnp.asarray(losses, jnp.float32),
+        next_losses=None if next_losses is None else jnp.asarray(next_losses, jnp.float32),
+        jacobian=None if jacobian is None else jnp.asarray(jacobian, jnp.float32),
+        step=jnp.asarray(step, jnp.int32),
+        key=KEY,
+    )
+
+
+def _run_updates(w, state, infos):
+    """Scan ``update`` over stacked StepInfos (one compilation), returning the final state."""
+
+    def body(state, info):
+        return w.update(state, info), None
+
+    return jax.jit(lambda s, i: jax.lax.scan(body, s, i)[0])(state, infos)
+
+
+def test_fixed():
+    w = wt.get_weighting("fixed", 3, weights=(1.0, 0.5, 2.0))
+    np.testing.assert_allclose(w.weights(w.init(3), jnp.ones(3), KEY), [1.0, 0.5, 2.0])
+    w = wt.get_weighting("fixed", 2)
+    np.testing.assert_allclose(w.weights(w.init(2), jnp.ones(2), KEY), [1.0, 1.0])
+    with pytest.raises(ValueError, match="2 values for 3 tasks"):
+        wt.get_weighting("fixed", 3, weights=(1.0, 2.0))
+
+
+def test_uncertainty_converges_to_log_loss():
+    losses = np.array([0.3, 1.0, 2.5, 7.0], np.float32)
+    w = wt.get_weighting("uncertainty", 4, lr=0.1)
+    n = 3000
+    infos = wt.StepInfo(
+        losses=jnp.tile(jnp.asarray(losses), (n, 1)),
+        next_losses=None,
+        jacobian=None,
+        step=jnp.arange(n, dtype=jnp.int32),
+        key=jax.random.split(KEY, n),
+    )
+    state = _run_updates(w, w.init(4), infos)
+    np.testing.assert_allclose(state["log_var"], np.log(losses), atol=1e-4)
+    np.testing.assert_allclose(w.weights(state, jnp.asarray(losses), KEY), 1 / losses, rtol=1e-3)
+
+
+def _gradnorm_run(norms, losses_seq, lr=1e-3, alpha=1.5, n=3000):
+    t = len(norms)
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(40, t)))
+    jac = (q.T * np.asarray(norms)[:, None]).astype(np.float32)  # fixed last-layer grads
+    w = wt.get_weighting("gradnorm", t, lr=lr, alpha=alpha)
+    infos = wt.StepInfo(
+        losses=jnp.asarray(losses_seq(np.arange(n)), jnp.float32),
+        next_losses=None,
+        jacobian=jnp.tile(jnp.asarray(jac), (n, 1, 1)),
+        step=jnp.arange(n, dtype=jnp.int32),
+        key=jax.random.split(KEY, n),
+    )
+    state = _run_updates(w, w.init(t), infos)
+    weights = np.asarray(w.weights(state, infos.losses[-1], KEY))
+    return weights, weights * np.asarray(norms)
+
+
+def test_gradnorm_equalises_weighted_gradient_norms():
+    # Equal loss ratios (r_i = 1): the fixed point is w_i |g_i| = mean_j w_j |g_j| for all i.
+    norms = [1.0, 4.0, 10.0]
+    weights, g = _gradnorm_run(norms, lambda s: np.outer(0.999**s, [1.0, 2.0, 3.0]), lr=2e-3)
+    np.testing.assert_allclose(weights.sum(), 3.0, rtol=1e-5)
+    np.testing.assert_allclose(g, g.mean(), rtol=0.05)
+    assert np.ptp(g) / g.mean() < 0.05  # started at ratios 1 : 4 : 10
+
+
+def test_gradnorm_follows_inverse_training_rate():
+    # L_1 stays, L_2 halves after step 0: r = (4/3, 2/3), targets mean(G) r^1.5 = (1.54, 0.54)|g| for
+    # equal |g_i| and Σw = 2 (mean(G) = |g|). They sum to more than ΣG, so the fixed point of the
+    # update is w_2 at its target (2/3)^1.5 and w_1 = 2 - w_2 below its own: the slow task gains.
+    def losses(s):
+        out = np.ones((len(s), 2))
+        out[s > 0, 1] = 0.5
+        return out
+
+    weights, _ = _gradnorm_run([3.0, 3.0], losses, lr=1e-3)
+    np.testing.assert_allclose(weights, [2 - (2 / 3) ** 1.5, (2 / 3) ** 1.5], rtol=0.01)
+
+
+def test_dwa_matches_formula():
+    rng = np.random.default_rng(1)
+    seq = rng.uniform(0.5, 2.0, size=(6, 3)).astype(np.float32)
+    w = wt.get_weighting("dwa", 3, temperature=2.0)
+    state = w.init(3)
+    weights, update = jax.jit(w.weights), jax.jit(w.update)
+    for k, losses in enumerate(seq):
+        lam = np.asarray(weights(state, jnp.asarray(losses), KEY))
+        if k < 2:
+            np.testing.assert_allclose(lam, np.ones(3))
+        else:
+            r = seq[k - 1] / seq[k - 2]
+            ref = 3 * np.exp(r / 2.0) / np.exp(r / 2.0).sum()
+            np.testing.assert_allclose(lam, ref, rtol=1e-5)
+        state = update(state, _info(losses, step=k))
+
+
+def test_dwa_period_averages():
+    rng = np.random.default_rng(2)
+    seq = rng.uniform(0.5, 2.0, size=(6, 2)).astype(np.float32)
+    w = wt.get_weighting("dwa", 2, temperature=1.5, period=3)
+    state = w.init(2)
+    for k, losses in enumerate(seq):
+        state = w.update(state, _info(losses, step=k))
+    r = seq[3:].mean(0) / seq[:3].mean(0)
+    ref = 2 * np.exp(r / 1.5) / np.exp(r / 1.5).sum()
+    np.testing.assert_allclose(w.weights(state, jnp.ones(2), KEY), ref, rtol=1e-5)
+
+
+def test_rlw_random_weights():
+    w = wt.get_weighting("rlw", 4)
+    a = np.asarray(w.weights(w.init(4), jnp.ones(4), jax.random.key(1)))
+    b = np.asarray(w.weights(w.init(4), jnp.ones(4), jax.random.key(2)))
+    np.testing.assert_allclose(a.sum(), 4.0, rtol=1e-6)
+    np.testing.assert_allclose(b.sum(), 4.0, rtol=1e-6)
+    assert np.all(a > 0) and not np.allclose(a, b)
+    z = np.asarray(jax.random.normal(jax.random.key(1), (4,)))  # λ = T softmax(z), z ~ N(0, I)
+    np.testing.assert_allclose(a, 4 * np.exp(z) / np.exp(z).sum(), rtol=1e-5)
+
+
+def _famo_numpy(xi, m, v, count, losses, next_losses, gamma, lr):
+    """FAMO's official update: Adam(weight_decay=γ) on the logits, grad J_softmaxᵀ δ."""
+    z = np.exp(xi) / np.exp(xi).sum()
+    delta = np.log(losses + 1e-8) - np.log(next_losses + 1e-8)
+    jac = np.diag(z) - np.outer(z, z)
+    g = jac.T @ delta + gamma * xi
+    count += 1
+    m = 0.9 * m + 0.1 * g
+    v = 0.999 * v + 0.001 * g**2
+    xi = xi - lr * (m / (1 - 0.9**count)) / (np.sqrt(v / (1 - 0.999**count)) + 1e-8)
+    return xi, m, v, count
+
+
+def _famo_weights(xi, losses):
+    z = np.exp(xi) / np.exp(xi).sum()
+    return (z / losses) / (z / losses).sum()
+
+
+def test_famo_matches_numpy():
+    rng = np.random.default_rng(3)
+    w = wt.get_weighting("famo", 3, gamma=0.01, lr=0.05)
+    state = w.init(3)
+    xi, m, v, count = np.zeros(3), np.zeros(3), np.zeros(3), 0
+    update = jax.jit(w.update)
+    for k in range(3):
+        losses = rng.uniform(0.5, 2.0, 3).astype(np.float32)
+        next_losses = (losses * rng.uniform(0.7, 1.0, 3)).astype(np.float32)
+        lam = np.asarray(w.weights(state, jnp.asarray(losses), KEY))
+        np.testing.assert_allclose(lam, _famo_weights(xi, losses), rtol=1e-5)
+        np.testing.assert_allclose(lam.sum(), 1.0, rtol=1e-6)
+        state = update(state, _info(losses, next_losses, step=k))
+        xi, m, v, count = _famo_numpy(xi, m, v, count, losses, next_losses, 0.01, 0.05)
+        np.testing.assert_allclose(state["xi"], xi, rtol=1e-4, atol=1e-6)
+    assert np.any(np.abs(xi) > 0.01)  # the logits moved
+
+
+def test_needs_and_stop_gradient():
+    assert wt.get_weighting("gradnorm", 2).needs == {"jacobian"}
+    assert wt.get_weighting("famo", 2).needs == {"next_losses"}
+    assert wt.get_weighting("dwa", 2).needs == frozenset()
+    for name in wt.WEIGHTINGS:
+        w = wt.get_weighting(name, 3)
+        state = w.init(3)
+        grad = jax.grad(lambda losses, w=w, state=state: jnp.sum(w.weights(state, losses, KEY)))(
+            jnp.array([0.5, 1.0, 2.0])
+        )
+        np.testing.assert_array_equal(grad, 0.0)
+        lam = w.weights(state, jnp.array([0.5, 1.0, 2.0]), KEY)
+        assert lam.shape == (3,) and np.all(np.isfinite(lam)), name
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match="uncertainty"):
+        wt.get_weighting("uncertainity", 2)
+    with pytest.raises(ValueError, match="'temp'.*'temperature'"):
+        wt.get_weighting("dwa", 2, temp=2.0)
+    with pytest.raises(ValueError, match="no hyper-parameters"):
+        wt.get_weighting("rlw", 2, lr=0.1)
