@@ -67,34 +67,51 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return
         meta = {"fingerprint": self.fingerprint, "extra": extra or {}}
-        self.manager.save(
+        self.manager.save(  # force: orbax silently skips steps below its latest otherwise
             int(step),
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=float))),
             ),
+            force=True,
         )
         self.manager.wait_until_finished()
+
+    def _set_aside(self, step: int, problem: str, error: Exception) -> None:
+        """Rename a broken step's folder to ``<step>.broken`` (kept for inspection, never read)."""
+        src = self.directory / str(step)
+        dst, k = src.with_name(f"{step}.broken"), 1
+        while dst.exists():
+            dst, k = src.with_name(f"{step}.broken-{k}"), k + 1
+        if src.is_dir():
+            src.rename(dst)
+        self.manager.reload()
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        log.warning(
+            "checkpoint step %d in %s is %s (%s); moved it to %s and trying the previous one",
+            step,
+            self.directory,
+            problem,
+            first,
+            dst.name,
+        )
 
     def restore(self, template: Any) -> tuple[Any, dict, int] | None:
         """(state, extra, step) from the newest readable checkpoint, or None when there is none.
 
-        A broken newest checkpoint is skipped with a warning; one whose fingerprint differs from
-        this run's raises CheckpointMismatch naming what differs.
+        A broken newest checkpoint is skipped with a warning and renamed ``<step>.broken`` (so it
+        is neither read nor kept in the way of new saves); one whose fingerprint differs from this
+        run's raises CheckpointMismatch naming what differs.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        had_any = bool(self.steps())
         for step in reversed(self.steps()):
             try:
                 meta = self.manager.restore(
                     step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
                 )["meta"]
             except Exception as e:  # noqa: BLE001 - any read failure means a broken checkpoint
-                log.warning(
-                    "checkpoint step %d in %s is unreadable (%s); trying the previous one",
-                    step,
-                    self.directory,
-                    e,
-                )
+                self._set_aside(step, "unreadable", e)
                 continue
             diffs = _diff(meta.get("fingerprint"), self.fingerprint)
             if diffs:
@@ -108,14 +125,11 @@ class Checkpointer:
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
                 )
             except Exception as e:  # noqa: BLE001
-                log.warning(
-                    "checkpoint step %d in %s is corrupted (%s); using the previous one",
-                    step,
-                    self.directory,
-                    e,
-                )
+                self._set_aside(step, "corrupted", e)
                 continue
             return restored["state"], meta.get("extra", {}), step
+        if had_any:
+            log.warning("no readable checkpoint in %s; starting from step 0", self.directory)
         return None
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -38,7 +39,7 @@ class RunDir:
             (self.path / ".write_test").unlink()
         except OSError as e:
             raise ValueError(
-                f"workdir: cannot write to {str(self.path)!r} ({e.strerror}); pass --workdir=<a writable folder>"
+                f"workdir: cannot write to {str(self.path)!r} ({e.strerror}); pass --config.workdir=<a writable folder>"
             ) from e
         if config is not None:
             (self.path / "config.json").write_text(
@@ -129,7 +130,10 @@ def classification_average(
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM: the run finishes its current chunk, checkpoints and exits non-zero."""
+    """Set by SIGINT/SIGTERM: the run finishes its current chunk, checkpoints and exits non-zero.
+
+    A second signal stops at once (KeyboardInterrupt) without a checkpoint.
+    """
 
     def __init__(self):
         self.signal: int | None = None
@@ -139,11 +143,42 @@ class StopFlag:
 
     def install(self) -> StopFlag:
         def handler(signum, _frame):
+            if self.signal is not None:
+                raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}")
             self.signal = signum
 
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, handler)
         return self
+
+
+_STOP: StopFlag | None = None  # installed by ``cli``; the default ``stop`` of ``train_run``
+
+
+def steady_memory(threshold: int = 1 << 20) -> bool:
+    """Fix glibc's mmap threshold so freed epoch-sized buffers return to the OS (flat RSS).
+
+    glibc raises the threshold each time a large block is freed, after which epoch-sized
+    allocations come from the heap and resident memory creeps up for several epochs; a fixed
+    threshold turns that off. Returns False where mallopt is unavailable (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def memory_mb() -> float:
+    """Resident set size of this process in MiB (0.0 without psutil)."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return 0.0
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def train_run(
@@ -163,8 +198,22 @@ def train_run(
     batch_size, learning_rate, optimizer, weights, aggregator, aggregator_kwargs, aggregate_on,
     weighting, weighting_kwargs, order, probs, l1, l2, seed, nan_policy, log_every, save_every.
     """
+    from mtl import aggregation, weighting
+    from mtl.spec import unknown
+
     spec = dict(spec)
+    stop = stop if stop is not None else _STOP
     seed = int(spec.get("seed", 0))
+    # fail fast, before the model is built: schedule, batch size and method names
+    stages = make_schedule(
+        spec.get("schedule", "joint"), int(spec.get("epochs", 1)), spec.get("stages")
+    )
+    if int(spec["batch_size"]) < 1:
+        raise ValueError(f"batch_size: {spec['batch_size']} must be >= 1")
+    if spec.get("aggregator") not in (None, *aggregation.AGGREGATORS):
+        raise unknown("aggregator", spec["aggregator"], aggregation.AGGREGATORS)
+    if spec.get("weighting", "fixed") not in weighting.WEIGHTINGS:
+        raise unknown("weighting", spec["weighting"], weighting.WEIGHTINGS)
     model = build_model(
         spec["model"],
         train.feature_specs,
@@ -189,9 +238,6 @@ def train_run(
         log_every=int(spec.get("log_every", 0)),
     )
     trainer = Trainer(model, cfg)
-    stages = make_schedule(
-        spec.get("schedule", "joint"), int(spec.get("epochs", 1)), spec.get("stages")
-    )
     record = {
         "model": spec["model"],
         "schedule": spec.get("schedule", "joint"),
@@ -202,12 +248,16 @@ def train_run(
     name = spec.get("name") or run_name(record)
     ckpt = None
     if rundir is not None:
-        fp = trainer.fingerprint() | {"data_seed": seed, "batch_size": int(spec["batch_size"])}
+        fp = trainer.fingerprint() | {
+            "data_seed": seed,
+            "batch_size": int(spec["batch_size"]),
+            "train_rows": len(train),
+        }
         ckpt = Checkpointer(rundir.checkpoint_dir(name), fp, max_to_keep=int(spec.get("keep", 2)))
 
     def on_epoch(rec: dict) -> None:
         if rundir is not None:
-            rundir.log({"run": name, **rec})
+            rundir.log({"run": name, **rec, "rss_mb": memory_mb()})
 
     t0 = time.perf_counter()
     try:
@@ -289,28 +339,91 @@ def plot_curves(rundir: RunDir, runs: Sequence[Mapping], filename: str = "curves
     return out
 
 
+def _config_file_error(error: BaseException, argv: Sequence[str]) -> FileNotFoundError:
+    """The error for a ``--config`` file that cannot be loaded, naming the flag and the fix."""
+    if isinstance(error, FileNotFoundError) and str(error).startswith("--config: "):
+        return error
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    path = paths[-1] if paths else "<default>"
+    why = "no such file" if "No such file" in str(error) else str(error).strip().splitlines()[-1]
+    return FileNotFoundError(
+        f"--config: cannot load {path.split(':')[0]!r} ({why}); "
+        "pass --config=<path of a config .py file>[:variant]"
+    )
+
+
+def _flag_error(e: BaseException, argv: Sequence[str]) -> str:
+    """One line for a command-line error: the innermost message, naming the flag and the fix."""
+    text = str(e).strip()
+    if "Traceback (most recent call last)" in text:  # the config file raised: keep its message
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        text = re.sub(r"^[\w.]+: ", "", last, count=1)
+    elif isinstance(e, AttributeError | KeyError):  # an override of a field the config lacks
+        m = re.search(r"'(\w+)", text)
+        key = m[1] if m else text.strip("'\"")
+        names = [a.split("=", 1)[0][2:] for a in argv if a.startswith("--config.")]
+        parts = next((n.split(".") for n in names if key in n.split(".")[1:]), ["config", key])
+        name = ".".join(parts[: parts.index(key, 1) + 1])
+        text = f"--{name}: the config has no field {key!r}; {_fields_hint(name, argv)}"
+    return (text.splitlines() or [type(e).__name__])[0]
+
+
+def _fields_hint(name: str, argv: Sequence[str]) -> str:
+    """'did you mean ...? valid: ...' for the dotted override ``name`` (config.a.b)."""
+    import runpy
+
+    from mtl.spec import closest
+
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    try:
+        file, *variant = paths[-1].split(":", 1)
+        parent = runpy.run_path(file, run_name="_config")["get_config"](*variant)
+        for part in name.split(".")[1:-1]:
+            parent = parent[part]
+        return closest(name.split(".")[-1], list(parent.keys()))
+    except Exception:  # noqa: BLE001 - only a hint
+        return "check the spelling against the config file"
+
+
 def cli(main: Callable[[Any], int | None], argv: Sequence[str] | None = None) -> None:
     """Parse ml_collections ``--config`` flags and run ``main(config)``.
 
     User errors (bad flags, bad config values, missing data, foreign checkpoints, divergence)
-    print one line ``error: ...`` and exit 2, without a traceback; an interrupt exits 130.
+    print one line ``error: ...`` and exit 2, without a traceback. SIGINT/SIGTERM set a StopFlag
+    (the default ``stop`` of ``train_run``): the run checkpoints after its current chunk, prints
+    the command that resumes it and exits 128 + the signal number (130 for SIGINT).
     """
+    import shlex
+
     from absl import flags
 
+    global _STOP
+    resume = shlex.join(sys.orig_argv if argv is None else ["python", *argv])
     argv = list(sys.argv if argv is None else argv)
     try:
         flags.FLAGS(argv)
         config = flags.FLAGS.config
-    except (flags.Error, ValueError, FileNotFoundError, AttributeError, KeyError) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        if type(config).__name__ == "_ErrorConfig":  # ml_collections defers file errors
+            raise _config_file_error(object.__getattribute__(config, "_error"), argv)
+    except OSError as e:  # includes FileNotFoundError
+        print(f"error: {_flag_error(_config_file_error(e, argv), argv)}", file=sys.stderr)
         sys.exit(2)
+    except (flags.Error, ValueError, AttributeError, KeyError) as e:
+        print(f"error: {_flag_error(e, argv)}", file=sys.stderr)
+        sys.exit(2)
+    _STOP = StopFlag().install()
+    steady_memory()
     try:
         code = main(config)
     except USER_ERRORS as e:
-        msg = str(e).strip().strip("'\"").splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # no repr quotes
+        msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        sys.exit(130)
+        print(
+            f"interrupted: {e}; resume with: cd {shlex.quote(os.getcwd())} && {resume}",
+            file=sys.stderr,
+        )
+        sys.exit(128 + (_STOP.signal or signal.SIGINT))
     sys.exit(code or 0)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mtl import metrics as M
@@ -61,10 +62,12 @@ def plan(stages: Sequence[Stage]) -> list[tuple[int, Stage]]:
 
 
 def _summarise(m: dict, names: Sequence[str]) -> dict:
-    """Means of a chunk's per-step metrics (host numpy)."""
+    """Means of a chunk's per-step metrics (host numpy) over its finite (not skipped) steps."""
+    ok = np.asarray(m["finite"], bool)
+    sel = ok if ok.any() else np.ones_like(ok)
     out = {
-        "loss": float(np.mean(m["loss"])),
-        "losses": {n: float(np.mean(m["losses"][:, i])) for i, n in enumerate(names)},
+        "loss": float(np.mean(m["loss"][sel])),
+        "losses": {n: float(np.mean(m["losses"][sel, i])) for i, n in enumerate(names)},
         "steps": int(m["loss"].shape[0]),
     }
     if "analysis" in m and np.any(m["logged"]):
@@ -72,20 +75,57 @@ def _summarise(m: dict, names: Sequence[str]) -> dict:
         out["analysis"] = {k: np.asarray(v)[sel].mean(0).tolist() for k, v in m["analysis"].items()}
         out["analysis"]["conflict_rate"] = out["analysis"].pop("conflict")
         out["analysis"]["cosine_steps"] = np.asarray(m["analysis"]["cosine"])[sel].tolist()
+        out["analysis"]["logged_steps"] = int(sel.sum())
     return out
 
 
+def _grad_culprits(trainer: Trainer, state: TrainState, batch: dict, w_T: np.ndarray) -> list:
+    """Tasks whose weighted gradient λ_t ∇L_t is non-finite at ``state`` on ``batch``.
+
+    Recomputed once, only on divergence: a halted state still holds the parameters and step of
+    the bad update, and the step's dropout key is derived the same way as in Trainer._step_fn.
+    """
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    k_drop = jax.random.split(jax.random.split(key, 4)[1], 3)[0]
+
+    def finite_T(params, rest, batch, w_T):
+        loss_fn = lambda p: trainer._losses_fn(p, rest, batch, k_drop)
+        _, vjp, _ = jax.vjp(loss_fn, params, has_aux=True)
+        J = jax.vmap(vjp)(jnp.diag(w_T))[0]
+        rows = [jnp.isfinite(x.reshape(x.shape[0], -1)).all(1) for x in jax.tree.leaves(J)]
+        return jnp.stack(rows).all(0)
+
+    ok = np.asarray(jax.jit(finite_T)(state.params, state.rest, batch, jnp.asarray(w_T)))
+    return [n for n, f in zip(trainer.names, ok, strict=True) if not f]
+
+
 def _divergence(
-    trainer: Trainer, m: dict, e: int, offset: int, ckpt: Checkpointer | None
+    trainer: Trainer,
+    m: dict,
+    e: int,
+    offset: int,
+    ckpt: Checkpointer | None,
+    state: TrainState,
+    part: dict,
 ) -> Divergence:
     bad = int(np.argmin(np.asarray(m["finite"])))
     losses = np.asarray(m["losses"][bad])
     tasks = [n for n, v in zip(trainer.names, losses, strict=True) if not np.isfinite(v)]
-    what = (
-        f"loss of task(s) {tasks} = {losses[[trainer.names.index(t) for t in tasks]].tolist()}"
-        if tasks
-        else "gradient (losses finite)"
-    )
+    if tasks:
+        what = (
+            f"loss of task(s) {tasks} = {losses[[trainer.names.index(t) for t in tasks]].tolist()}"
+        )
+    else:
+        try:
+            batch = jax.tree.map(lambda x: x[bad], part)
+            tasks = _grad_culprits(trainer, state, batch, np.asarray(m["weights"][bad]))
+        except Exception:  # noqa: BLE001 - the diagnosis must never hide the divergence
+            tasks = []
+        what = (
+            f"gradient of task(s) {tasks} (losses finite)"
+            if tasks
+            else "gradient (losses and per-task gradients finite: penalty or aggregator)"
+        )
     last = (
         f"; last good checkpoint: step {ckpt.steps()[-1]} in {ckpt.directory}"
         if ckpt and ckpt.steps()
@@ -95,6 +135,11 @@ def _divergence(
         f"non-finite {what} at step {int(m['step'][bad])} (epoch {e}, batch {offset + bad}){last}; "
         "lower the learning rate, check the data, or set nan_policy='skip' to skip such steps"
     )
+
+
+def _stopped(state: TrainState, ckpt: Checkpointer | None) -> str:
+    where = f"checkpoint in {ckpt.directory}" if ckpt is not None else "no checkpointer: not saved"
+    return f"stopped at step {int(state.step)} ({where})"
 
 
 def fit(
@@ -170,18 +215,18 @@ def fit(
                 if (offset, end) != (0, S)
                 else batches
             )
-            state, m = trainer.run(state, part, stage)
+            state, m = trainer.run(state, part, stage, start=offset)
             m = jax.device_get(m)
             if not np.all(m["finite"]):
                 if trainer.config.nan_policy == "stop":
-                    raise _divergence(trainer, m, e, offset, checkpointer)
+                    raise _divergence(trainer, m, e, offset, checkpointer, state, part)
             summaries.append(_summarise(m, trainer.names))
             offset = end
             if save_every > 0 and offset < S:
                 save(state, history, summaries)
             if offset < S and should_stop is not None and should_stop():
                 save(state, history, summaries)
-                raise KeyboardInterrupt(f"stopped at step {int(state.step)}")
+                raise KeyboardInterrupt(_stopped(state, checkpointer))
         w = np.asarray([s["steps"] for s in summaries], float)
         record: dict[str, Any] = {
             "epoch": e,
@@ -196,11 +241,12 @@ def fit(
             "seconds": time.perf_counter() - t0,
         }
         an = [s["analysis"] for s in summaries if "analysis" in s]
-        if an:
+        if an:  # means over the epoch's logged steps (chunks weighted by their logged steps)
+            n_logged = [a.get("logged_steps", len(a["cosine_steps"])) for a in an]
             record["analysis"] = {
-                k: np.mean([a[k] for a in an], axis=0).tolist()
+                k: np.average([a[k] for a in an], axis=0, weights=n_logged).tolist()
                 for k in an[0]
-                if k != "cosine_steps"
+                if k not in ("cosine_steps", "logged_steps")
             }
             record["analysis"]["cosine_steps"] = [c for a in an for c in a["cosine_steps"]]
         if eval_data is not None and ((e + 1) % eval_every == 0 or e == len(epochs) - 1):
@@ -213,7 +259,7 @@ def fit(
             bar.update(1)
             bar.set_postfix(loss=f"{record['train_loss']:.4f}")
         if e + 1 < len(epochs) and should_stop is not None and should_stop():
-            raise KeyboardInterrupt(f"stopped at step {int(state.step)}")
+            raise KeyboardInterrupt(_stopped(state, checkpointer))
     if bar is not None:
         bar.close()
     return FitResult(state, history)

@@ -61,10 +61,14 @@ def _check_label(task: TaskSpec, y: np.ndarray, n: int) -> np.ndarray:
     where = f"label {task.name!r} ({task.kind})"
     shape = (n, task.size) if task.kind == "multilabel" else (n,)
     if y.shape != shape:
-        raise ValueError(f"{where}: shape {y.shape}, expected {list(shape)}")
+        raise ValueError(
+            f"{where}: shape {y.shape}, expected {list(shape)}; reshape the labels or fix the spec"
+        )
     if task.kind in ("multiclass", "retrieval"):
         if not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"{where}: dtype {y.dtype}, expected integer class/item ids")
+            raise ValueError(
+                f"{where}: dtype {y.dtype}, expected integer class/item ids; map labels to ids"
+            )
         hi = task.size if task.kind == "multiclass" else np.iinfo(np.int32).max
         bad = (y < 0) | (y >= hi)
         if bad.any():
@@ -78,7 +82,11 @@ def _check_label(task: TaskSpec, y: np.ndarray, n: int) -> np.ndarray:
     if task.kind in ("binary", "multilabel"):
         bad = (y != 0.0) & (y != 1.0)
         if bad.any():
-            raise ValueError(f"{where}: value {y.reshape(n, -1)[_first_bad(bad)]} is not 0/1")
+            i = _first_bad(bad)
+            raise ValueError(
+                f"{where}: value {y.reshape(n, -1)[i]} at row {i} is not 0/1; "
+                "binarise the labels or use a regression task"
+            )
     return y
 
 
@@ -114,7 +122,9 @@ class Dataset:
         leaves = {**self.features, **self.labels, **self.masks}
         sizes = {k: int(np.shape(v)[0]) if np.ndim(v) else -1 for k, v in leaves.items()}
         if len(set(sizes.values())) > 1:
-            raise ValueError(f"rows: arrays disagree on the number of rows: {sizes}")
+            raise ValueError(
+                f"rows: arrays disagree on the number of rows: {sizes}; give each one row per example"
+            )
         if all(isinstance(v, np.ndarray) for v in leaves.values()):
             self._check_host()
 

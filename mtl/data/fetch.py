@@ -101,7 +101,9 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
 
 def _check_name(name: str) -> None:
     if name not in LAYOUTS:
-        raise ValueError(f"data set: unknown name {name!r}; known: {', '.join(DATASETS)}")
+        from mtl.spec import closest
+
+        raise ValueError(f"data set: unknown name {name!r}; {closest(name, DATASETS)}")
 
 
 def cached(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
@@ -122,10 +124,8 @@ def ensure(name: str, data_dir: str | os.PathLike | None = None, *, download: bo
     if not download:
         where = data_root(data_dir) / name
         wanted = " or ".join("{" + ", ".join(fs) + "}" for fs in LAYOUTS[name])
-        raise MissingDataError(
-            f"{name}: no data in {where} (expected {wanted}); run `{fetch_command(name)}`"
-            + (f" --dir {data_dir}" if data_dir is not None else "")
-        )
+        cmd = fetch_command(name) + (f" --dir {data_dir}" if data_dir is not None else "")
+        raise MissingDataError(f"{name}: no data in {where} (expected {wanted}); run `{cmd}`")
     return fetch(name, data_dir)
 
 
@@ -327,11 +327,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mtl.data.fetch", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("name", choices=DATASETS)
+    parser.add_argument("name", help=" | ".join(DATASETS))
     parser.add_argument(
         "--dir", default=None, help="cache root (default: $MTL_DATA_DIR or user cache)"
     )
     args = parser.parse_args(argv)
+    try:
+        _check_name(args.name)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")  # one line, no usage text
     was_cached = cached(args.name, args.dir) is not None
     try:
         fetch(args.name, args.dir)
