@@ -2,7 +2,9 @@
 the train state replicated. XLA inserts the gradient all-reduce; the step code is unchanged.
 
 Multi-host: call ``initialize()`` first on every host (``jax.distributed.initialize``); the mesh
-then spans all processes' devices.
+then spans all processes' devices. Every process runs the same program on the same data (same
+seeds), so it holds the same epoch batches and state; placement keeps only the rows of its own
+devices (see docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -43,11 +45,20 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
         )
 
 
+def _put(tree, sharding: NamedSharding):
+    """``device_put``; across processes, each one fills its own devices' parts from its copy."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: x[idx]), tree
+    )
+
+
 def shard_batches(batches, mesh: Mesh):
     """Place scanned batches (leaves [S, B, ...]) with B split over the 'data' axis."""
-    return jax.device_put(batches, NamedSharding(mesh, P(None, DATA)))
+    return _put(batches, NamedSharding(mesh, P(None, DATA)))
 
 
 def replicate(tree, mesh: Mesh):
     """Place every leaf of ``tree`` on all devices of ``mesh``."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    return _put(tree, NamedSharding(mesh, P()))
