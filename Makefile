@@ -31,7 +31,7 @@ test: lint
 	$(BIN)/python -m pytest -q -n $(JOBS) --durations=15
 
 bench: setup
-	$(BIN)/python -m pip install -q torch==2.13.0 torchjd || $(BIN)/python -m pip install -q torch torchjd || echo "peers not installed: the benchmark will say why it skips them"
+	$(BIN)/python -m pip install -q torch==2.13.0 'torchjd[quadprog_projector]' || echo "peers not installed: the benchmark will say why it skips them"
 	$(BIN)/python experiments/benchmark.py
 
 clean:
