@@ -164,12 +164,11 @@ class Trainer:
         self.penalty_lam = float(getattr(model, "penalty", 0.0))
 
         self.model_name = type(model).__name__
+        model.train()  # the step's graphdef has dropout on, the eval graphdef has it off
         self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        was_training = True
         model.eval()
         self.eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
-        if was_training:
-            model.train()
+        model.train()
         self.shared = partition.shared_mask(params, self.names)
         self.num_shared = sum(
             int(np.prod(x.shape))
