@@ -165,7 +165,14 @@ class Trainer:
 
         self.model_name = type(model).__name__
         model.train()  # the step's graphdef has dropout on, the eval graphdef has it off
+        # With an aggregator each task decodes its own copy of the shared part, so a tower must
+        # not be fused with the others' (the copy would carry every task's tower gradient).
+        fused = getattr(model, "fuse_towers", None)
+        if fused is not None:
+            model.fuse_towers = fused and self.aggregator is None
         self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        if fused is not None:
+            model.fuse_towers = fused
         model.eval()
         self.eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
         model.train()

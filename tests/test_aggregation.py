@@ -15,6 +15,15 @@ KEY = jax.random.key(0)
 P = 24  # one parameter count for (almost) every test: fewer shapes, fewer compilations
 
 
+@pytest.mark.parametrize("p", [96, 128 * 1024])
+def test_gram_matches_float64_product(p):
+    """Short rows take the plain product, long ones the blocked batched sum: both equal J Jᵀ."""
+    j = np.random.default_rng(1).normal(size=(5, p)).astype(np.float32)
+    want = j.astype(np.float64) @ j.astype(np.float64).T
+    got = np.asarray(jax.jit(agg._gram)(jnp.asarray(j)), np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3 * np.sqrt(p))
+
+
 def _conflicting(rng, t, p=P, scales=True, rank=None):
     """Random rows with a conflicting pair, norms over 3 decades, optionally rank-deficient."""
     j = rng.normal(size=(t, p))

@@ -31,6 +31,27 @@ def test_binary_cross_entropy(with_mask):
     np.testing.assert_allclose(got, masked_mean(np_bce(z, y), m), rtol=1e-5)
 
 
+def test_sigmoid_cross_entropy_value_and_gradients_at_extreme_logits():
+    """Value, d/dz = σ(z) − y and d/dy = −z against float64 numpy, including |z| up to 200."""
+    z = np.concatenate([rng.normal(size=40) * 4, [-200.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 200.0]])
+    y = rng.random(z.size)  # soft labels too
+    z32, y32 = z.astype(np.float32), y.astype(np.float32)
+    zz, yy = z32.astype(np.float64), y32.astype(np.float64)
+    ref = np.maximum(zz, 0) - zz * yy + np.log1p(np.exp(-np.abs(zz)))
+    got = losses.sigmoid_cross_entropy(z32, y32)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+    mid = np.abs(zz) < 30
+    np.testing.assert_allclose(np.asarray(got)[mid], np_bce(zz[mid], yy[mid]), rtol=1e-5, atol=1e-6)
+    gz, gy = jax.grad(lambda a, b: jnp.sum(losses.sigmoid_cross_entropy(a, b)), (0, 1))(z32, y32)
+    np.testing.assert_allclose(gz, np_sigmoid(zz) - yy, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(gy, -zz, rtol=1e-6)
+    assert np.isfinite(np.asarray(gz)).all()
+    # forward mode agrees with reverse mode
+    t = rng.normal(size=z.size).astype(np.float32)
+    _, jvp = jax.jvp(lambda a: losses.sigmoid_cross_entropy(a, y32), (z32,), (t,))
+    np.testing.assert_allclose(jvp, (np_sigmoid(zz) - yy) * t, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_mean_squared_error(with_mask):
     p, y = rng.normal(size=50).astype(np.float32), rng.normal(size=50).astype(np.float32)

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mtl.spec import FeatureSpec, TaskSpec, task_names
@@ -79,9 +80,32 @@ class MLP(nnx.Module):
         self.out_dim = dims[-1]
 
     def __call__(self, x: Array, rngs: nnx.Rngs | None = None) -> Array:
-        for layer in self.layers:
+        return self.after_first(self.layers[0](x), rngs) if len(self.layers) else x
+
+    def after_first(self, z: Array, rngs: nnx.Rngs | None = None) -> Array:
+        """The MLP given its first layer's pre-activation ``z`` (see ``towers_on_shared_input``)."""
+        x = self.drop(jax.nn.relu(z), rngs=rngs)
+        for layer in self.layers[1:]:
             x = self.drop(jax.nn.relu(layer(x)), rngs=rngs)
         return x
+
+
+def towers_on_shared_input(
+    towers: Mapping[str, MLP], names: Sequence[str], x: Array, rngs: nnx.Rngs | None = None
+) -> dict[str, Array]:
+    """``{n: towers[n](x, rngs) for n in names}``, with the first layers fused.
+
+    The first layers of all towers run as one matmul ``x @ [W_1 | ... | W_T]``: in the backward
+    pass their weight gradients become one ``xᵀ [δ_1 | ... | δ_T]`` instead of T thin products that
+    contract over the batch (each ~2x slower per FLOP on CPU). The parameters stay one Linear per
+    tower, so ownership, freezing and checkpoints are unchanged; values equal the per-tower calls up
+    to float summation order, and dropout draws its keys in the same order (tower by tower).
+    """
+    firsts = [towers[n].layers[0] for n in names]
+    kernel = jnp.concatenate([f.kernel[...] for f in firsts], axis=1)
+    z = x @ kernel + jnp.concatenate([f.bias[...] for f in firsts])
+    pieces = jnp.split(z, np.cumsum([f.out_features for f in firsts])[:-1], axis=-1)
+    return {n: towers[n].after_first(zn, rngs) for n, zn in zip(names, pieces, strict=True)}
 
 
 def towers_and_heads(

@@ -7,7 +7,14 @@ from collections.abc import Mapping, Sequence
 import jax
 from flax import nnx
 
-from mtl.models.base import MLP, FeatureEncoder, MTLModel, head_output, towers_and_heads
+from mtl.models.base import (
+    MLP,
+    FeatureEncoder,
+    MTLModel,
+    head_output,
+    towers_and_heads,
+    towers_on_shared_input,
+)
 from mtl.spec import FeatureSpec, TaskSpec
 
 Array = jax.Array
@@ -30,13 +37,18 @@ class SharedBottom(MTLModel):
         self.encoder = FeatureEncoder(features, rngs=rngs)
         self.trunk = MLP(self.encoder.out_dim, trunk, dropout, rngs=rngs)
         self.towers, self.heads = towers_and_heads(tasks, self.trunk.out_dim, tower, dropout, rngs)
+        # the towers' first layers run as one matmul (base.towers_on_shared_input); the Trainer
+        # turns this off where each task decodes its own copy of the representation
+        self.fuse_towers = True
 
     def represent(self, features: Mapping[str, Array], rngs: nnx.Rngs | None = None) -> Array:
         return self.trunk(self.encoder(features), rngs)
 
     def decode(self, rep_BxH: Array, rngs: nnx.Rngs | None = None) -> tuple[dict[str, Array], dict]:
-        preds = {
-            t.name: head_output(t, self.heads[t.name](self.towers[t.name](rep_BxH, rngs)))
-            for t in self.tasks
-        }
+        names = [t.name for t in self.tasks]
+        if self.fuse_towers and all(len(self.towers[n].layers) for n in names):
+            hidden = towers_on_shared_input(self.towers, names, rep_BxH, rngs)
+        else:
+            hidden = {n: self.towers[n](rep_BxH, rngs) for n in names}
+        preds = {t.name: head_output(t, self.heads[t.name](hidden[t.name])) for t in self.tasks}
         return preds, {}
