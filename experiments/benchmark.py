@@ -605,6 +605,95 @@ def aggregator_alone(
     return out
 
 
+# ------------------------------------------------------------------------------------------ limits
+
+
+def _alone_us(fn: Callable[..., Any], *args: Any, repeats: int = 20) -> float:
+    """Median µs of one jitted call of ``fn(*args)`` (dispatch included), after a warm-up."""
+    f = jax.jit(fn)
+    med, _ = median_time(lambda: jax.block_until_ready(f(*args)), repeats)
+    return 1e6 * med
+
+
+def _in_loop_us(fn: Callable[..., Any], *args: Any, length: int = 20, repeats: int = 10) -> float:
+    """Median µs of ``fn(*args)`` inside a compiled loop of ``length`` iterations (no dispatch).
+
+    An optimization barrier ties the inputs to the loop carry, so XLA can neither hoist the call
+    out of the loop nor shrink it (the carry reads one element of the full result).
+    """
+
+    def run(*xs: Any) -> Any:
+        def body(c: Any, _: Any) -> tuple[Any, None]:
+            ys = jax.lax.optimization_barrier((xs, c))[0]
+            return c + 1e-30 * fn(*ys).reshape(-1)[0], None
+
+        return jax.lax.scan(body, jnp.zeros((), jnp.float32), None, length=length)[0]
+
+    f = jax.jit(run)
+    med, _ = median_time(lambda: jax.block_until_ready(f(*args)), repeats)
+    return 1e6 * med / length
+
+
+def step_gemms(data: Dataset, batch: int) -> list[dict[str, Any]]:
+    """Each matmul of the default shared-bottom training step, timed alone inside a compiled loop.
+
+    Forward: encoder output x [B, D] @ trunk [D, 128]; trunk output h @ the fused first tower
+    layers [128, 64T]; tower outputs @ heads. Backward: for each, dW = inputᵀ δ (contracting the
+    batch) and dx = δ Wᵀ, with the layouts the step uses.
+    """
+    model = build_model(
+        "shared_bottom", data.feature_specs, data.task_specs, **SIZES["shared_bottom"]
+    )
+    D, H = model.encoder.out_dim, model.trunk.out_dim
+    widths = [model.towers[t.name].out_dim for t in data.task_specs]
+    tower_in = sum(model.towers[t.name].layers[0].out_features for t in data.task_specs)
+    contract = lambda a, b, dims: jax.lax.dot_general(a, b, (dims, ((), ())))
+    shapes = [("trunk", D, H), ("towers (fused first layer)", H, tower_in)]
+    shapes += [(f"head {t.name}", w, t.size) for t, w in zip(data.task_specs, widths)]
+    key, out = jax.random.key(0), []
+    for name, k, n in shapes:
+        x = jax.random.normal(key, (batch, k))
+        w = jax.random.normal(key, (k, n))
+        dy = jax.random.normal(key, (batch, n))
+        for part, fn, args in (
+            ("forward x W", lambda a, b: contract(a, b, ((1,), (0,))), (x, w)),
+            ("backward dW = xᵀ δ", lambda a, b: contract(a, b, ((0,), (0,))), (x, dy)),
+            ("backward dx = δ Wᵀ", lambda a, b: contract(a, b, ((1,), (1,))), (dy, w)),
+        ):
+            us = _in_loop_us(fn, *args)
+            flops = 2 * batch * k * n
+            out.append(
+                {
+                    "batch": batch,
+                    "layer": name,
+                    "gemm": part,
+                    "shape": f"{batch}x{k}x{n}",
+                    "us": us,
+                    "gflops_per_s": flops / us / 1e3,
+                    "flops": flops,
+                }
+            )
+    return out
+
+
+def gram_parts(torch: Any, J: np.ndarray) -> dict[str, Any]:
+    """µs of the pieces of a Gramian aggregator on one [T, P] Jacobian: ours vs PyTorch's."""
+    Jx = jnp.asarray(J)
+    hi = jax.lax.Precision.HIGHEST
+    w = jnp.full((J.shape[0],), 1.0 / J.shape[0], Jx.dtype)
+    row = {
+        "shape": list(J.shape),
+        "noop_dispatch_us": _alone_us(lambda j: j[0, 0], Jx, repeats=50),
+        "gram_us": _alone_us(lambda j: jnp.matmul(j, j.T, precision=hi), Jx, repeats=50),
+        "combine_us": _alone_us(lambda v, j: jnp.matmul(v, j, precision=hi), w, Jx, repeats=50),
+    }
+    if torch is not None:
+        Jt, wt = torch.from_numpy(J), torch.from_numpy(np.asarray(w))
+        row["torch_gram_us"] = 1e6 * median_time(lambda: Jt @ Jt.T, 50)[0]
+        row["torch_combine_us"] = 1e6 * median_time(lambda: wt @ Jt, 50)[0]
+    return row
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -883,9 +972,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the aggregator alone on one Jacobian, T = 3 and T = 8
     data8 = ml100k_like(max(steps_of(b) * b for b in batch_sizes), num_tasks=8)
     agg_rows: list[dict] = []
+    gram_rows: list[dict] = []
     for d in (data, data8):
         J = real_jacobian(d, 1024)
         agg_rows += aggregator_alone(torch, torchjd, J, repeats, 3 if q else 10)
+        gram_rows.append(gram_parts(torch, J))
+
+    # the floor under the step: its matmuls alone, at the largest batch
+    gemm_rows = step_gemms(data, max(batch_sizes))
 
     # representation-level vs joint at T = 8 (MGDA-UB vs plain joint and parameter-level MGDA)
     rep_rows: list[dict] = []
@@ -957,6 +1051,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "aggregator_alone": agg_rows,
         "representation_vs_joint": rep_rows,
         "data_parallel": dp_rows,
+        "step_gemms": gemm_rows,
+        "gram_parts": gram_rows,
         "targets": goals,
         "seconds": seconds,
     }
@@ -966,6 +1062,72 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(md_text)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'} ({seconds:.0f} s)")
     return 0
+
+
+def limits(doc: dict) -> list[str]:
+    """The report's 'where the time goes' section: the step's matmuls alone, the Gram's pieces."""
+    gemms, grams = doc.get("step_gemms") or [], doc.get("gram_parts") or []
+    if not gemms:
+        return []
+    env, b = doc["environment"], gemms[0]["batch"]
+    peak = max(env["matmul_start"]["flops_per_s"], env["matmul_end"]["flops_per_s"])
+    total_us = sum(g["us"] for g in gemms)
+    step = [
+        r
+        for r in doc["training"]
+        if r["impl"].startswith("mtl")
+        and r["model"] == "shared_bottom"
+        and r["batch"] == b
+        and r["schedule"] == "joint"
+        and r["aggregator"] == "-"
+    ]
+    lines = [
+        f"## Where the time goes (shared bottom, joint, batch {b})",
+        "",
+        "Each matmul of the training step timed alone inside a compiled loop (median of 10 loops "
+        "of 20). Their sum is a floor under the step on this backend: the rest of the step "
+        "(embedding gather/scatter, activations, losses, Adam, the finite check) comes on top.",
+        "",
+        table(
+            gemms,
+            [
+                ("layer", "layer", 0),
+                ("gemm", "matmul", 0),
+                ("shape", "B x K x N", 0),
+                ("us", "µs", 0),
+                ("gflops_per_s", "GFLOP/s", 0),
+            ],
+        ),
+        "",
+    ]
+    if step and step[0].get("flops_per_step"):
+        f, ms = step[0]["flops_per_step"], step[0]["ms_per_step"]
+        lines += [
+            f"The matmuls alone take {total_us / 1e3:.2f} ms of the step's {ms:.2f} ms "
+            f"({100 * total_us / 1e3 / ms:.0f}%). A step that did nothing but these matmuls would "
+            f"run at {100 * f / (total_us / 1e6) / peak:.0f}% of the 2048³ matmul FLOP/s "
+            f"(the whole step: {100 * f / (ms / 1e3) / peak:.0f}%).",
+            "",
+        ]
+    if grams:
+        lines += [
+            "Pieces of a Gramian aggregator on the real Jacobians above (one call each, median "
+            "µs): XLA:CPU's J Jᵀ for a few long rows is the cost that TorchJD (MKL) does not pay.",
+            "",
+            table(
+                grams,
+                [
+                    ("shape", "J shape", 0),
+                    ("noop_dispatch_us", "jit no-op µs", 0),
+                    ("gram_us", "ours J Jᵀ µs", 0),
+                    ("combine_us", "ours wᵀJ µs", 0),
+                    ("torch_gram_us", "torch J Jᵀ µs", 0),
+                    ("torch_combine_us", "torch wᵀJ µs", 0),
+                ],
+            ),
+            "",
+        ]
+    return lines
 
 
 def report(doc: dict) -> str:
@@ -1029,6 +1191,7 @@ def report(doc: dict) -> str:
             ],
         ),
         "",
+        *limits(doc),
         "## Targets",
         "",
         table(
