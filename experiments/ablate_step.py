@@ -1,0 +1,157 @@
+"""Ablations of the training step's speed choices, each A/B in one process (same data, interleaved).
+
+    python experiments/ablate_step.py            # all three, batch 256 and 4096
+    python experiments/ablate_step.py --only bce --batch-sizes 256
+
+- ``bce``:   mtl.losses.sigmoid_cross_entropy (one exp, custom JVP) vs optax's
+             sigmoid_binary_cross_entropy (two log-sigmoids), shared bottom, T = 3.
+- ``towers``: the shared bottom's fused first tower layer vs one matmul per tower, T = 3 and 8;
+             with UPGrad, the towers kept apart (the trainer's choice) vs fusion forced.
+- ``gram``:  the blocked Gram of long Jacobian rows vs the plain J Jᵀ, representation-level MGDA,
+             T = 8 (rows of B x 128).
+
+Each row: ms/step, the median of ``--repeats`` chunks of ~32k examples, variants timed in turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import benchmark as B  # experiments/benchmark.py: python puts the script's folder on sys.path
+import jax.numpy as jnp
+import optax
+
+from mtl import aggregation, losses
+from mtl.models import shared_bottom
+from mtl.models.base import head_output, towers_on_shared_input
+
+EXAMPLES = 32768
+
+
+@contextlib.contextmanager
+def optax_bce() -> Iterator[None]:
+    """The losses as before: optax's sigmoid BCE for binary and multilabel tasks."""
+    saved = dict(losses.LOSSES)
+    sbce = lambda z, y: optax.sigmoid_binary_cross_entropy(z, y.astype(z.dtype))
+    losses.LOSSES["binary"] = lambda z, y, m=None: losses._masked_mean(sbce(z, y), m)
+    losses.LOSSES["multilabel"] = lambda z, y, m=None: losses._masked_mean(
+        jnp.mean(sbce(z, y), -1), m
+    )
+    try:
+        yield
+    finally:
+        losses.LOSSES.update(saved)
+
+
+@contextlib.contextmanager
+def per_tower_matmuls() -> Iterator[None]:
+    """The shared bottom as before: each tower's first layer its own matmul."""
+    cls, saved = shared_bottom.SharedBottom, shared_bottom.SharedBottom.decode
+
+    def decode(self: Any, rep: Any, rngs: Any = None) -> tuple[dict, dict]:
+        return {
+            t.name: head_output(t, self.heads[t.name](self.towers[t.name](rep, rngs)))
+            for t in self.tasks
+        }, {}
+
+    cls.decode = decode
+    try:
+        yield
+    finally:
+        cls.decode = saved
+
+
+@contextlib.contextmanager
+def forced_fusion() -> Iterator[None]:
+    """The fused first layer even where the trainer would keep the towers apart (aggregators)."""
+    cls, saved = shared_bottom.SharedBottom, shared_bottom.SharedBottom.decode
+
+    def decode(self: Any, rep: Any, rngs: Any = None) -> tuple[dict, dict]:
+        names = [t.name for t in self.tasks]
+        hidden = towers_on_shared_input(self.towers, names, rep, rngs)
+        return {t.name: head_output(t, self.heads[t.name](hidden[t.name])) for t in self.tasks}, {}
+
+    cls.decode = decode
+    try:
+        yield
+    finally:
+        cls.decode = saved
+
+
+@contextlib.contextmanager
+def plain_gram() -> Iterator[None]:
+    """The Gram as before: one [T, P] x [P, T] product for every P."""
+    saved = aggregation._gram
+    aggregation._gram = lambda j: jnp.matmul(j, j.T, precision=aggregation._HI)
+    try:
+        yield
+    finally:
+        aggregation._gram = saved
+
+
+def compare(
+    title: str,
+    variants: list[tuple[str, Callable[[], Any]]],
+    batch: int,
+    tasks: int,
+    repeats: int,
+    **ours_kw: Any,
+) -> None:
+    data = B.ml100k_like(EXAMPLES, num_tasks=tasks)
+    steps = max(4, EXAMPLES // batch)
+    benches = []
+    for name, ctx in variants:
+        with ctx():
+            o = B.ours("shared_bottom", data, batch, steps, **ours_kw)
+            o.compile()
+            bench = o.warm_up()
+        bench.label["variant"] = name
+        benches.append(bench)
+    B.interleave(benches, repeats)
+    base = benches[0].record()["ms_per_step"]
+    for b in benches:
+        r = b.record()
+        print(
+            f"| {title} | {batch} | {tasks} | {r['variant']} | {r['ms_per_step']:.3f} | "
+            f"{r['ms_per_step'] / base:.3f} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", choices=("bce", "towers", "gram"), default=None)
+    p.add_argument("--batch-sizes", default="256,4096")
+    p.add_argument("--repeats", type=int, default=15)
+    a = p.parse_args(argv)
+    batches = [int(b) for b in a.batch_sizes.split(",")]
+    now = contextlib.nullcontext
+    print("| ablation | batch | T | variant | ms/step | x first |")
+    print("|---|---|---|---|---|---|")
+    for b in batches:
+        if a.only in (None, "bce"):
+            compare("loss", [("optax BCE", optax_bce), ("one-exp BCE", now)], b, 3, a.repeats)
+        if a.only in (None, "towers"):
+            for t in (3, 8):
+                towers = [("per-tower matmuls", per_tower_matmuls), ("fused first layer", now)]
+                compare("towers", towers, b, t, a.repeats)
+            upgrad = [("apart (the trainer's choice)", now), ("fused, forced", forced_fusion)]
+            compare("towers, UPGrad", upgrad, b, 3, a.repeats, aggregator="upgrad")
+        if a.only in (None, "gram") and b * 128 >= 128 * 1024:
+            grams = [("plain J Jᵀ", plain_gram), ("blocked Gram", now)]
+            compare(
+                "rep-level MGDA",
+                grams,
+                b,
+                8,
+                a.repeats,
+                aggregator="mgda",
+                aggregate_on="representation",
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
