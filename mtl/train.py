@@ -165,11 +165,14 @@ class Trainer:
 
         self.model_name = type(model).__name__
         model.train()  # the step's graphdef has dropout on, the eval graphdef has it off
-        # With an aggregator each task decodes its own copy of the shared part, so a tower must
-        # not be fused with the others' (the copy would carry every task's tower gradient).
+        # Fused towers (one matmul for all first tower layers) only pay off when one backward
+        # pass carries every task at once. With an aggregator each task decodes its own copy of
+        # the shared part, and a weighting that reads the Jacobian backpropagates one task per
+        # vmapped row: a fused layer would then carry every tower's gradient in every copy/row.
         fused = getattr(model, "fuse_towers", None)
         if fused is not None:
-            model.fuse_towers = fused and self.aggregator is None
+            per_task = self.aggregator is not None or "jacobian" in self.weighting.needs
+            model.fuse_towers = fused and not per_task
         self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         if fused is not None:
             model.fuse_towers = fused
