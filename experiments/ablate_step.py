@@ -32,64 +32,61 @@ EXAMPLES = 32768
 
 
 @contextlib.contextmanager
-def optax_bce() -> Iterator[None]:
-    """The losses as before: optax's sigmoid BCE for binary and multilabel tasks."""
-    saved = dict(losses.LOSSES)
-    sbce = lambda z, y: optax.sigmoid_binary_cross_entropy(z, y.astype(z.dtype))
-    losses.LOSSES["binary"] = lambda z, y, m=None: losses._masked_mean(sbce(z, y), m)
-    losses.LOSSES["multilabel"] = lambda z, y, m=None: losses._masked_mean(
-        jnp.mean(sbce(z, y), -1), m
+def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name = value`` (or ``owner[name]`` for a dict) for the duration of the block."""
+    get, put = (
+        (owner.__getitem__, owner.__setitem__)
+        if isinstance(owner, dict)
+        else (lambda n: getattr(owner, n), lambda n, v: setattr(owner, n, v))
     )
+    saved = get(name)
+    put(name, value)
     try:
         yield
     finally:
-        losses.LOSSES.update(saved)
+        put(name, saved)
 
 
-@contextlib.contextmanager
-def per_tower_matmuls() -> Iterator[None]:
-    """The shared bottom as before: each tower's first layer its own matmul."""
-    cls, saved = shared_bottom.SharedBottom, shared_bottom.SharedBottom.decode
-
-    def decode(self: Any, rep: Any, rngs: Any = None) -> tuple[dict, dict]:
-        return {
-            t.name: head_output(t, self.heads[t.name](self.towers[t.name](rep, rngs)))
-            for t in self.tasks
-        }, {}
-
-    cls.decode = decode
-    try:
-        yield
-    finally:
-        cls.decode = saved
+def _optax_bce(z: Any, y: Any) -> Any:
+    return optax.sigmoid_binary_cross_entropy(z, y.astype(z.dtype))
 
 
-@contextlib.contextmanager
-def forced_fusion() -> Iterator[None]:
-    """The fused first layer even where the trainer would keep the towers apart (aggregators)."""
-    cls, saved = shared_bottom.SharedBottom, shared_bottom.SharedBottom.decode
+def optax_bce() -> contextlib.ExitStack:
+    """The losses as before: optax's sigmoid BCE for binary and multilabel tasks."""
+    stack = contextlib.ExitStack()
+    binary = lambda z, y, m=None: losses._masked_mean(_optax_bce(z, y), m)
+    multilabel = lambda z, y, m=None: losses._masked_mean(jnp.mean(_optax_bce(z, y), -1), m)
+    stack.enter_context(patched(losses.LOSSES, "binary", binary))
+    stack.enter_context(patched(losses.LOSSES, "multilabel", multilabel))
+    return stack
+
+
+def _decode_with(towers: Callable[[Any, list[str], Any, Any], dict]) -> Callable[..., Any]:
+    """A SharedBottom.decode whose hidden tower outputs come from ``towers(model, names, rep, rngs)``."""
 
     def decode(self: Any, rep: Any, rngs: Any = None) -> tuple[dict, dict]:
-        names = [t.name for t in self.tasks]
-        hidden = towers_on_shared_input(self.towers, names, rep, rngs)
+        hidden = towers(self, [t.name for t in self.tasks], rep, rngs)
         return {t.name: head_output(t, self.heads[t.name](hidden[t.name])) for t in self.tasks}, {}
 
-    cls.decode = decode
-    try:
-        yield
-    finally:
-        cls.decode = saved
+    return decode
 
 
-@contextlib.contextmanager
-def plain_gram() -> Iterator[None]:
+def per_tower_matmuls() -> contextlib.AbstractContextManager:
+    """The shared bottom as before: each tower's first layer its own matmul."""
+    apart = lambda m, names, rep, rngs: {n: m.towers[n](rep, rngs) for n in names}
+    return patched(shared_bottom.SharedBottom, "decode", _decode_with(apart))
+
+
+def forced_fusion() -> contextlib.AbstractContextManager:
+    """The fused first layer even where the trainer would keep the towers apart (aggregators)."""
+    fused = lambda m, names, rep, rngs: towers_on_shared_input(m.towers, names, rep, rngs)
+    return patched(shared_bottom.SharedBottom, "decode", _decode_with(fused))
+
+
+def plain_gram() -> contextlib.AbstractContextManager:
     """The Gram as before: one [T, P] x [P, T] product for every P."""
-    saved = aggregation._gram
-    aggregation._gram = lambda j: jnp.matmul(j, j.T, precision=aggregation._HI)
-    try:
-        yield
-    finally:
-        aggregation._gram = saved
+    plain = lambda j: jnp.matmul(j, j.T, precision=aggregation._HI)
+    return patched(aggregation, "_gram", plain)
 
 
 def compare(
