@@ -38,7 +38,8 @@ class SharedBottom(MTLModel):
         self.trunk = MLP(self.encoder.out_dim, trunk, dropout, rngs=rngs)
         self.towers, self.heads = towers_and_heads(tasks, self.trunk.out_dim, tower, dropout, rngs)
         # the towers' first layers run as one matmul (base.towers_on_shared_input); the Trainer
-        # turns this off where each task decodes its own copy of the representation
+        # turns this off where each task has its own backward pass (aggregators, weightings that
+        # read the Jacobian)
         self.fuse_towers = True
 
     def represent(self, features: Mapping[str, Array], rngs: nnx.Rngs | None = None) -> Array:
