@@ -191,6 +191,7 @@ class Trainer:
                 "use a hard-sharing or mixture model, or aggregator=None"
             )
         self._template = (params, rest)
+        self._masks: dict = {}  # stage_mask's cache
         self._epoch = jax.jit(
             self._epoch_fn,
             donate_argnums=(0,),
@@ -237,7 +238,13 @@ class Trainer:
         return nnx.merge(self.graphdef if train else self.eval_graphdef, state.params, state.rest)
 
     def stage_mask(self, state: TrainState, stage: Stage):
-        return partition.selector_mask(state.params, stage.trainable)
+        """The trainable mask of ``stage`` as device arrays, built once per stage and params layout
+        (a fresh numpy mask costs a path walk and a transfer per leaf on every ``run``)."""
+        key = (jax.tree.structure(state.params), stage.trainable)
+        if key not in self._masks:
+            mask = partition.selector_mask(state.params, stage.trainable)
+            self._masks[key] = jax.device_put(mask)
+        return self._masks[key]
 
     def task_ids(self, stage: Stage) -> tuple[int, ...]:
         if stage.tasks is None:

@@ -202,6 +202,12 @@ def test_regex_trainable_and_errors(data):
     assert {p for p, m in mask.items() if m} == {p for p in mask if p.startswith("towers/like/")}
     with pytest.raises(ValueError, match="trainable: 'tower_x' matches no parameter"):
         tr.run(st, batches_of(data), Stage(1, trainable=("tower_x",)))
+    # run() reuses one device mask per stage; it holds the same values as the selector's
+    towers = tr.stage_mask(st, Stage(1, trainable=("towers/like/.*",)))
+    assert tr.stage_mask(st, Stage(2, trainable=("towers/like/.*",))) is towers
+    assert leaves_with_paths(towers) == mask
+    everything = leaves_with_paths(tr.stage_mask(st, Stage(1)))
+    assert all(everything.values()) and everything.keys() == mask.keys()
     with pytest.raises(ValueError, match="stage tasks: unknown value 'clik'.*'click'"):
         tr.run(st, batches_of(data), Stage(1, tasks=("clik",)))
 
