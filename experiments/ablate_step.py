@@ -9,8 +9,12 @@
              with UPGrad, the towers kept apart (the trainer's choice) vs fusion forced.
 - ``gram``:  the blocked Gram of long Jacobian rows vs the plain J Jᵀ, representation-level MGDA,
              T = 8 (rows of B x 128).
+- ``chunk``: the fixed cost of one ``Trainer.run``: the stage mask rebuilt on the host and sent
+             per call (as before) vs cached on the device, and 32,768 rows per call vs one
+             epoch of the main job's ML-100K training split (73,728 rows, the benchmark's chunk).
 
-Each row: ms/step, the median of ``--repeats`` chunks of ~32k examples, variants timed in turn.
+Each row: ms/step, the median of ``--repeats`` chunks of ~32k examples (``chunk``: as named),
+variants timed in turn.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ import benchmark as B  # experiments/benchmark.py: python puts the script's fold
 import jax.numpy as jnp
 import optax
 
-from mtl import aggregation, losses
+from mtl import aggregation, losses, partition
 from mtl.models import shared_bottom
 from mtl.models.base import head_output, towers_on_shared_input
+from mtl.train import Trainer
 
 EXAMPLES = 32768
 
@@ -89,20 +94,28 @@ def plain_gram() -> contextlib.AbstractContextManager:
     return patched(aggregation, "_gram", plain)
 
 
+def host_mask() -> contextlib.AbstractContextManager:
+    """The stage mask as before: numpy booleans rebuilt from the parameter paths on every run."""
+    rebuild = lambda self, state, stage: partition.selector_mask(state.params, stage.trainable)
+    return patched(Trainer, "stage_mask", rebuild)
+
+
 def compare(
     title: str,
     variants: list[tuple[str, Callable[[], Any]]],
     batch: int,
     tasks: int,
     repeats: int,
+    examples: list[int] | None = None,
     **ours_kw: Any,
 ) -> None:
-    data = B.ml100k_like(EXAMPLES, num_tasks=tasks)
-    steps = max(4, EXAMPLES // batch)
+    """``examples``: rows per timed chunk for each variant (default ``EXAMPLES`` for all)."""
+    examples = examples or [EXAMPLES] * len(variants)
+    data = B.ml100k_like(max(EXAMPLES, *examples), num_tasks=tasks)
     benches = []
-    for name, ctx in variants:
+    for (name, ctx), rows in zip(variants, examples, strict=True):
         with ctx():
-            o = B.ours("shared_bottom", data, batch, steps, **ours_kw)
+            o = B.ours("shared_bottom", data, batch, max(4, rows // batch), **ours_kw)
             o.compile()
             bench = o.warm_up()
         bench.label["variant"] = name
@@ -119,7 +132,7 @@ def compare(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=("bce", "towers", "gram"), default=None)
+    p.add_argument("--only", choices=("bce", "towers", "gram", "chunk"), default=None)
     p.add_argument("--batch-sizes", default="256,4096")
     p.add_argument("--repeats", type=int, default=15)
     a = p.parse_args(argv)
@@ -147,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
                 aggregator="mgda",
                 aggregate_on="representation",
             )
+        if a.only in (None, "chunk"):
+            runs = [
+                ("host mask, 32,768 rows per run", host_mask),
+                ("device mask, 32,768 rows per run", now),
+                ("device mask, 73,728 rows per run", now),
+            ]
+            compare("chunk", runs, b, 3, a.repeats, [EXAMPLES, EXAMPLES, B.EPOCH_EXAMPLES])
     return 0
 
 
