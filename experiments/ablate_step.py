@@ -7,8 +7,9 @@
              sigmoid_binary_cross_entropy (two log-sigmoids), shared bottom, T = 3.
 - ``towers``: the shared bottom's fused first tower layer vs one matmul per tower, T = 3 and 8;
              with UPGrad, the towers kept apart (the trainer's choice) vs fusion forced.
-- ``gram``:  the blocked Gram of long Jacobian rows vs the plain J Jᵀ, representation-level MGDA,
-             T = 8 (rows of B x 128).
+- ``gram``:  the blocked Gram of long Jacobian rows vs the plain J Jᵀ, and the Jacobian written
+             straight into the blocks (``aggregation.stack_rows``) with a blockwise wᵀJ vs
+             stacked then laid out again; representation-level MGDA, T = 8 (rows of B x 128).
 - ``chunk``: the fixed cost of one ``Trainer.run``: the stage mask rebuilt on the host and sent
              per call (as before) vs cached on the device, and 32,768 rows per call vs one
              epoch of the main job's ML-100K training split (73,728 rows, the benchmark's chunk).
@@ -88,10 +89,22 @@ def forced_fusion() -> contextlib.AbstractContextManager:
     return patched(shared_bottom.SharedBottom, "decode", _decode_with(fused))
 
 
-def plain_gram() -> contextlib.AbstractContextManager:
-    """The Gram as before: one [T, P] x [P, T] product for every P."""
+def stacked_rows() -> contextlib.ExitStack:
+    """The representation Jacobian as before: stacked as [T, P] rows (the blocked Gram then lays
+    it out again) and combined as one wᵀJ product."""
+    stack = contextlib.ExitStack()
+    combine = lambda w, j: jnp.matmul(w.astype(j.dtype), j, precision=aggregation._HI)
+    stack.enter_context(patched(aggregation, "stack_rows", jnp.stack))
+    stack.enter_context(patched(aggregation, "_combine", combine))
+    return stack
+
+
+def plain_gram() -> contextlib.ExitStack:
+    """The Gram as before that: one [T, P] x [P, T] product for every P (rows stacked)."""
+    stack = stacked_rows()
     plain = lambda j: jnp.matmul(j, j.T, precision=aggregation._HI)
-    return patched(aggregation, "_gram", plain)
+    stack.enter_context(patched(aggregation, "_gram", plain))
+    return stack
 
 
 def host_mask() -> contextlib.AbstractContextManager:
@@ -150,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             upgrad = [("apart (the trainer's choice)", now), ("fused, forced", forced_fusion)]
             compare("towers, UPGrad", upgrad, b, 3, a.repeats, aggregator="upgrad")
         if a.only in (None, "gram") and b * 128 >= 128 * 1024:
-            grams = [("plain J Jᵀ", plain_gram), ("blocked Gram", now)]
+            grams = [
+                ("plain J Jᵀ", plain_gram),
+                ("blocked Gram", stacked_rows),
+                ("blocked Gram, J written in blocks", now),
+            ]
             compare(
                 "rep-level MGDA",
                 grams,

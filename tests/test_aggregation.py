@@ -16,12 +16,18 @@ P = 24  # one parameter count for (almost) every test: fewer shapes, fewer compi
 
 
 @pytest.mark.parametrize("p", [96, 128 * 1024])
-def test_gram_matches_float64_product(p):
-    """Short rows take the plain product, long ones the blocked batched sum: both equal J Jᵀ."""
-    j = np.random.default_rng(1).normal(size=(5, p)).astype(np.float32)
-    want = j.astype(np.float64) @ j.astype(np.float64).T
+def test_gram_and_combination_match_float64_products(p):
+    """Short rows take the plain products, long ones the blocked layout: G equals J Jᵀ and the
+    combination equals wᵀJ; stack_rows builds the same J as np.stack, bit for bit."""
+    rows = list(np.random.default_rng(1).normal(size=(5, p)).astype(np.float32))
+    j, w = np.stack(rows), np.linspace(-1.0, 2.0, 5).astype(np.float32)
+    stacked = np.asarray(jax.jit(agg.stack_rows)([jnp.asarray(r) for r in rows]))
+    np.testing.assert_array_equal(stacked, j)
+    j64 = j.astype(np.float64)
     got = np.asarray(jax.jit(agg._gram)(jnp.asarray(j)), np.float64)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3 * np.sqrt(p))
+    np.testing.assert_allclose(got, j64 @ j64.T, rtol=1e-5, atol=1e-3 * np.sqrt(p))
+    got = np.asarray(jax.jit(agg._combine)(jnp.asarray(w), jnp.asarray(j)), np.float64)
+    np.testing.assert_allclose(got, w.astype(np.float64) @ j64, rtol=1e-5, atol=1e-5)
 
 
 def _conflicting(rng, t, p=P, scales=True, rank=None):
