@@ -7,9 +7,10 @@
              sigmoid_binary_cross_entropy (two log-sigmoids), shared bottom, T = 3.
 - ``towers``: the shared bottom's fused first tower layer vs one matmul per tower, T = 3 and 8;
              with UPGrad, the towers kept apart (the trainer's choice) vs fusion forced.
-- ``gram``:  the blocked Gram of long Jacobian rows vs the plain J Jᵀ, and the Jacobian written
-             straight into the blocks (``aggregation.stack_rows``) with a blockwise wᵀJ vs
-             stacked then laid out again; representation-level MGDA, T = 8 (rows of B x 128).
+- ``gram``:  the Gram of long Jacobian rows as pairwise row sums (``aggregation._gram``) vs the
+             plain J Jᵀ and vs the blocked Gram of before (J written into [1024, T, P/1024]
+             blocks, G a batched matmul over them); representation-level MGDA, T = 8 (rows of
+             B x 128).
 - ``chunk``: the fixed cost of one ``Trainer.run``: the stage mask rebuilt on the host and sent
              per call (as before) vs cached on the device, and 32,768 rows per call vs one
              epoch of the main job's ML-100K training split (73,728 rows, the benchmark's chunk).
@@ -29,7 +30,7 @@ import benchmark as B  # experiments/benchmark.py: python puts the script's fold
 import jax.numpy as jnp
 import optax
 
-from mtl import aggregation, losses, partition
+from mtl import aggregation, losses, partition, train
 from mtl.models import shared_bottom
 from mtl.models.base import head_output, towers_on_shared_input
 from mtl.train import Trainer
@@ -89,21 +90,58 @@ def forced_fusion() -> contextlib.AbstractContextManager:
     return patched(shared_bottom.SharedBottom, "decode", _decode_with(fused))
 
 
-def stacked_rows() -> contextlib.ExitStack:
-    """The representation Jacobian as before: stacked as [T, P] rows (the blocked Gram then lays
-    it out again) and combined as one wᵀJ product."""
+def plain_gram() -> contextlib.ExitStack:
+    """The Gram and the combination as one [T, P] x [P, T] and one [T] x [T, P] product for every P
+    (the rows stacked into J)."""
     stack = contextlib.ExitStack()
+    plain = lambda j: jnp.matmul(j, j.T, precision=aggregation._HI)
     combine = lambda w, j: jnp.matmul(w.astype(j.dtype), j, precision=aggregation._HI)
-    stack.enter_context(patched(aggregation, "stack_rows", jnp.stack))
+    stack.enter_context(patched(aggregation, "_gram", plain))
     stack.enter_context(patched(aggregation, "_combine", combine))
     return stack
 
 
-def plain_gram() -> contextlib.ExitStack:
-    """The Gram as before that: one [T, P] x [P, T] product for every P (rows stacked)."""
-    stack = stacked_rows()
-    plain = lambda j: jnp.matmul(j, j.T, precision=aggregation._HI)
-    stack.enter_context(patched(aggregation, "_gram", plain))
+_BLOCKS = 1024
+
+
+def _blocks(j_TxP: Any) -> Any:
+    return j_TxP.reshape(j_TxP.shape[0], _BLOCKS, -1).transpose(1, 0, 2)
+
+
+def _blocked_gram(j_TxP: Any) -> Any:
+    b = _blocks(j_TxP)
+    return jnp.einsum("btk,bsk->bts", b, b, precision=aggregation._HI).sum(0)
+
+
+def _blocked_combine(w_T: Any, j_TxP: Any) -> Any:
+    b, w_T = _blocks(j_TxP), w_T.astype(j_TxP.dtype)
+    v = w_T[0] * b[:, 0]
+    for i in range(1, w_T.shape[0]):
+        v = v + w_T[i] * b[:, i]
+    return v.reshape(-1)
+
+
+class _JnpStackingInBlocks:
+    """``jax.numpy`` for mtl.train, except that ``stack`` of long 1-D rows writes them straight
+    into the [1024, T, P/1024] blocks (the stacked J then is a free reshape of them)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(jnp, name)
+
+    def stack(self, arrays: Any, axis: int = 0) -> Any:
+        if axis != 0 or arrays[0].ndim != 1 or not aggregation._long(arrays[0].shape[0]):
+            return jnp.stack(arrays, axis)
+        blocks = jnp.stack([r.reshape(_BLOCKS, -1) for r in arrays], axis=1)
+        return blocks.transpose(1, 0, 2).reshape(len(arrays), -1)
+
+
+def blocked_gram() -> contextlib.ExitStack:
+    """Long rows as before: written into [1024, T, P/1024] blocks, G as the sum of 1024 small
+    Grams (one batched matmul), wᵀJ as a sum of scaled blocks."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(patched(train, "jnp", _JnpStackingInBlocks()))
+    stack.enter_context(patched(aggregation, "_gram", _blocked_gram))
+    stack.enter_context(patched(aggregation, "_combine", _blocked_combine))
     return stack
 
 
@@ -165,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.only in (None, "gram") and b * 128 >= 128 * 1024:
             grams = [
                 ("plain J Jᵀ", plain_gram),
-                ("blocked Gram", stacked_rows),
-                ("blocked Gram, J written in blocks", now),
+                ("blocked Gram, J written in blocks", blocked_gram),
+                ("pairwise row sums", now),
             ]
             compare(
                 "rep-level MGDA",

@@ -340,9 +340,7 @@ class Trainer:
             losses_T, dec_vjp, aux = jax.vjp(dec_fn, state.params, (rep,) * T, has_aux=True)
             w_T = weights(losses_T)
             g_dec, Jr = dec_vjp(w_T)
-            from mtl.aggregation import stack_rows
-
-            Jr_TxR = stack_rows([ravel_pytree(r)[0] for r in Jr])
+            Jr_TxR = jnp.stack([ravel_pytree(r)[0] for r in Jr])
             unravel = ravel_pytree(rep)[1]
             v_R, agg_state = self.aggregator.apply(Jr_TxR, state.aggregator, k_agg)
             (g_enc,) = enc_vjp(unravel(v_R))
