@@ -1,6 +1,6 @@
 """Ablations of the training step's speed choices, each A/B in one process (same data, interleaved).
 
-    python experiments/ablate_step.py            # all three, batch 256 and 4096
+    python experiments/ablate_step.py            # all of them, batch 256 and 4096
     python experiments/ablate_step.py --only bce --batch-sizes 256
 
 - ``bce``:   mtl.losses.sigmoid_cross_entropy (one exp, custom JVP) vs optax's
@@ -11,6 +11,9 @@
              plain J Jᵀ and vs the blocked Gram of before (J written into [1024, T, P/1024]
              blocks, G a batched matmul over them); representation-level MGDA, T = 8 (rows of
              B x 128).
+- ``copies``: representation-level MGDA (T = 8): each task decoding its own copy of the
+             representation (``MTLModel.decode_each``, one matmul per tower) vs the shared
+             bottom's fused first tower layers with a custom VJP (``base.towers_on_copies``).
 - ``chunk``: the fixed cost of one ``Trainer.run``: the stage mask rebuilt on the host and sent
              per call (as before) vs cached on the device, and 32,768 rows per call vs one
              epoch of the main job's ML-100K training split (73,728 rows, the benchmark's chunk).
@@ -32,7 +35,7 @@ import optax
 
 from mtl import aggregation, losses, partition, train
 from mtl.models import shared_bottom
-from mtl.models.base import head_output, towers_on_shared_input
+from mtl.models.base import MTLModel, head_output, towers_on_shared_input
 from mtl.train import Trainer
 
 EXAMPLES = 32768
@@ -145,6 +148,12 @@ def blocked_gram() -> contextlib.ExitStack:
     return stack
 
 
+def per_copy_decode() -> contextlib.AbstractContextManager:
+    """Representation-level aggregation as before: every copy decoded apart (one matmul per tower
+    forward, weight gradient and input gradient)."""
+    return patched(shared_bottom.SharedBottom, "decode_each", MTLModel.decode_each)
+
+
 def host_mask() -> contextlib.AbstractContextManager:
     """The stage mask as before: numpy booleans rebuilt from the parameter paths on every run."""
     rebuild = lambda self, state, stage: partition.selector_mask(state.params, stage.trainable)
@@ -183,7 +192,7 @@ def compare(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=("bce", "towers", "gram", "chunk"), default=None)
+    p.add_argument("--only", choices=("bce", "towers", "gram", "copies", "chunk"), default=None)
     p.add_argument("--batch-sizes", default="256,4096")
     p.add_argument("--repeats", type=int, default=15)
     a = p.parse_args(argv)
@@ -215,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
                 aggregator="mgda",
                 aggregate_on="representation",
             )
+        if a.only in (None, "copies"):
+            copies = [("decoded apart", per_copy_decode), ("fused first layers", now)]
+            rep = dict(aggregator="mgda", aggregate_on="representation")
+            compare("rep-level MGDA, copies", copies, b, 8, a.repeats, **rep)
         if a.only in (None, "chunk"):
             runs = [
                 ("host mask, 32,768 rows per run", host_mask),

@@ -331,10 +331,8 @@ class Trainer:
 
             def dec_fn(params, reps):  # task i decodes its own copy reps[i] of rep
                 model = nnx.merge(self.graphdef, params, state.rest)
-                k_dec = jax.random.fold_in(k_drop, 1)
-                outs = [model.decode(r, self._rngs(k_dec)) for r in reps]
-                losses = [self._task_loss(i, outs[i][0], batch) for i in range(T)]
-                return jnp.stack(losses), outs[0][1]
+                preds, aux = model.decode_each(reps, self._rngs(jax.random.fold_in(k_drop, 1)))
+                return self._task_losses(preds, batch), aux
 
             rep, enc_vjp = jax.vjp(rep_fn, state.params)
             losses_T, dec_vjp, aux = jax.vjp(dec_fn, state.params, (rep,) * T, has_aux=True)

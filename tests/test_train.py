@@ -81,6 +81,47 @@ def test_joint_step_equals_sgd_on_weighted_sum(data):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+def test_representation_level_mean_step_equals_reference(data):
+    """Aggregating on the representation with the mean: one SGD step moves the encoder and trunk by
+    lr ∇(1/T Σ λ_i L_i) and the towers and heads by lr ∇(Σ λ_i L_i), both from jax.grad."""
+    model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
+    lam = {"click": 0.3, "like": 2.0, "rating": 0.5}
+    config = TrainConfig(
+        optimizer="sgd",
+        learning_rate=0.1,
+        weights=lam,
+        aggregator="mean",
+        aggregate_on="representation",
+    )
+    tr = Trainer(model, config)
+    st = tr.init(model)
+    b = one_step(batches_of(data), 0)
+    batch = jax.tree.map(lambda x: x[0], b)
+
+    def objective(params):
+        preds, _ = nnx.merge(tr.graphdef, params, st.rest)(batch["features"])
+        return sum(
+            lam[t.name]
+            * losses.task_loss(t.kind, preds[t.name], batch["labels"][t.name], batch["valid"])
+            for t in data.task_specs
+        )
+
+    g = jax.grad(objective)(st.params)
+    T = len(data.task_specs)
+    want = {
+        path: np.asarray(p)
+        - 0.1 * np.asarray(gi) / (1 if path.startswith(("towers", "heads")) else T)
+        for path, p, gi in zip(
+            partition.paths(st.params), jax.tree.leaves(st.params), jax.tree.leaves(g), strict=True
+        )
+    }
+    st2, _ = tr.run(st, b, Stage(1))
+    got = leaves_with_paths(st2.params)
+    assert got.keys() == want.keys()
+    for path, x in got.items():
+        np.testing.assert_allclose(x, want[path], rtol=1e-5, atol=1e-6, err_msg=path)
+
+
 def test_soft_sharing_step_includes_l2_to_mean_gradient(data):
     """SGD step on soft sharing = θ − lr(∇Σ L_i + λ·2(θ_i − θ̄)) on the stacked columns."""
     model = build_model("soft_sharing", data.feature_specs, data.task_specs, penalty=0.5, **SIZES)

@@ -4,6 +4,8 @@ Model contract (every model in mtl.models follows it):
   ``rep = model.represent(features, rngs=rngs)``   the shared representation (a pytree of arrays)
   ``preds, aux = model.decode(rep, rngs=rngs)``     per-task raw outputs keyed by task name, plus extras
   ``model(features, rngs=rngs) == model.decode(model.represent(features, rngs), rngs)``
+  ``preds, aux = model.decode_each(reps, rngs=rngs)`` task i decoded from its own copy reps[i]
+                                                    (representation-level aggregation)
 Dropout randomness is passed in (``rngs=nnx.Rngs(dropout=key)``), never stored in the model, so the
 model's state is parameters only and a train step is a pure function of (params, batch, key).
 ``rngs=None`` is fine in eval mode (``model.eval()``) or when dropout is 0.
@@ -21,6 +23,7 @@ Parameter naming convention (mtl.partition reads it):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +111,53 @@ def towers_on_shared_input(
     return {n: towers[n].after_first(zn, rngs) for n, zn in zip(names, pieces, strict=True)}
 
 
+@jax.custom_vjp
+def _first_layers_on_copies(
+    xs: tuple[Array, ...], kernels: tuple[Array, ...], biases: tuple[Array, ...]
+) -> tuple[Array, ...]:
+    """z_i = xs[i] @ kernels[i] + biases[i], for copies xs[i] of one array: one fused matmul."""
+    z = xs[0] @ jnp.concatenate(kernels, axis=1) + jnp.concatenate(biases)
+    return tuple(jnp.split(z, np.cumsum([k.shape[1] for k in kernels])[:-1], axis=-1))
+
+
+def _first_layers_fwd(xs, kernels, biases):
+    return _first_layers_on_copies(xs, kernels, biases), (xs[0], kernels)
+
+
+def _first_layers_bwd(res, dz):
+    x, kernels = res
+    lead = tuple(range(x.ndim - 1))
+    dz_cat = jnp.concatenate(dz, axis=-1)
+    dk = jnp.tensordot(x, dz_cat, axes=(lead, lead))  # one xᵀ[δ_1 | ... | δ_T]
+    cuts = np.cumsum([k.shape[1] for k in kernels])[:-1]
+    dxs = tuple(d @ k.T for d, k in zip(dz, kernels, strict=True))  # copy i: δ_i W_iᵀ only
+    dbs = tuple(jnp.split(jnp.sum(dz_cat, axis=lead), cuts))
+    return dxs, tuple(jnp.split(dk, cuts, axis=1)), dbs
+
+
+_first_layers_on_copies.defvjp(_first_layers_fwd, _first_layers_bwd)
+
+
+def towers_on_copies(
+    towers: Mapping[str, MLP],
+    names: Sequence[str],
+    xs: Sequence[Array],
+    rngs: nnx.Rngs | None = None,
+) -> dict[str, Array]:
+    """``{n: towers[n](x, rngs) for n, x in zip(names, xs)}`` for copies ``xs`` of one array.
+
+    Tower i reads only its copy ``xs[i]``, so the gradient w.r.t. ``xs[i]`` is task i's alone (the
+    rows of a representation-level Jacobian). The forward pass and the weight gradients of the
+    first layers run fused, as in ``towers_on_shared_input``; only the input gradients, one per
+    copy, stay apart. The copies must be equal (the fused forward reads ``xs[0]``).
+    """
+    firsts = [towers[n].layers[0] for n in names]
+    zs = _first_layers_on_copies(
+        tuple(xs), tuple(f.kernel[...] for f in firsts), tuple(f.bias[...] for f in firsts)
+    )
+    return {n: towers[n].after_first(z, rngs) for n, z in zip(names, zs, strict=True)}
+
+
 def towers_and_heads(
     tasks: Sequence[TaskSpec], in_dim: int, widths: Sequence[int], dropout: float, rngs: nnx.Rngs
 ) -> tuple[nnx.Dict, nnx.Dict]:
@@ -136,6 +186,14 @@ class MTLModel(nnx.Module):
 
     def decode(self, rep, rngs: nnx.Rngs | None = None) -> tuple[dict[str, Array], dict]:
         raise NotImplementedError
+
+    def decode_each(self, reps: Sequence[Any], rngs: nnx.Rngs | None = None) -> tuple[dict, dict]:
+        """Task i's prediction from its own copy ``reps[i]`` of one representation (tasks in
+        ``self.tasks`` order), so that the gradient w.r.t. ``reps[i]`` is task i's alone; aux from
+        ``reps[0]``. Every copy draws the dropout keys a single ``decode`` would. Models may
+        override it with a faster equivalent."""
+        outs = [self.decode(r, None if rngs is None else nnx.clone(rngs)) for r in reps]
+        return {t.name: outs[i][0][t.name] for i, t in enumerate(self.tasks)}, outs[0][1]
 
     def __call__(
         self, features: Mapping[str, Array], rngs: nnx.Rngs | None = None

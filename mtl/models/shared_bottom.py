@@ -13,6 +13,7 @@ from mtl.models.base import (
     MTLModel,
     head_output,
     towers_and_heads,
+    towers_on_copies,
     towers_on_shared_input,
 )
 from mtl.spec import FeatureSpec, TaskSpec
@@ -51,5 +52,16 @@ class SharedBottom(MTLModel):
             hidden = towers_on_shared_input(self.towers, names, rep_BxH, rngs)
         else:
             hidden = {n: self.towers[n](rep_BxH, rngs) for n in names}
+        preds = {t.name: head_output(t, self.heads[t.name](hidden[t.name])) for t in self.tasks}
+        return preds, {}
+
+    def decode_each(
+        self, reps: Sequence[Array], rngs: nnx.Rngs | None = None
+    ) -> tuple[dict[str, Array], dict]:
+        """``MTLModel.decode_each`` with the towers' first layers fused (``towers_on_copies``)."""
+        names = [t.name for t in self.tasks]
+        if not all(len(self.towers[n].layers) for n in names):
+            return super().decode_each(reps, rngs)
+        hidden = towers_on_copies(self.towers, names, reps, rngs)
         preds = {t.name: head_output(t, self.heads[t.name](hidden[t.name])) for t in self.tasks}
         return preds, {}
