@@ -43,6 +43,20 @@ def adam_moments(opt_state):
     return mu, nu
 
 
+def weighted_objective(tr, st, batch, lam=None):
+    """params -> Σ_i λ_i L_i (λ_i = 1 when ``lam`` is None) through the plain model forward."""
+
+    def objective(params):
+        preds, _ = nnx.merge(tr.graphdef, params, st.rest)(batch["features"])
+        return sum(
+            (1.0 if lam is None else lam[t.name])
+            * losses.task_loss(t.kind, preds[t.name], batch["labels"][t.name], batch["valid"])
+            for t in tr.tasks
+        )
+
+    return objective
+
+
 @pytest.mark.parametrize("name", ["shared_bottom", "soft_sharing", "single_task"])
 def test_joint_loss_falls(data, name):
     model = build_model(name, data.feature_specs, data.task_specs, **SIZES)
@@ -64,17 +78,7 @@ def test_joint_step_equals_sgd_on_weighted_sum(data):
     b = one_step(batches_of(data), 0)
     batch = jax.tree.map(lambda x: x[0], b)
 
-    def objective(params):
-        m = nnx.merge(tr.graphdef, params, st.rest)
-        preds, _ = m(batch["features"])
-        tot = 0.0
-        for t in data.task_specs:
-            tot += lam[t.name] * losses.task_loss(
-                t.kind, preds[t.name], batch["labels"][t.name], batch["valid"]
-            )
-        return tot
-
-    g = jax.grad(objective)(st.params)
+    g = jax.grad(weighted_objective(tr, st, batch, lam))(st.params)
     ref = jax.tree.map(lambda p, gi: np.asarray(p - 0.1 * gi), st.params, g)
     st2, _ = tr.run(st, b, Stage(1))
     for x, y in zip(jax.tree.leaves(st2.params), jax.tree.leaves(ref), strict=True):
@@ -98,15 +102,7 @@ def test_representation_level_mean_step_equals_reference(data):
     b = one_step(batches_of(data), 0)
     batch = jax.tree.map(lambda x: x[0], b)
 
-    def objective(params):
-        preds, _ = nnx.merge(tr.graphdef, params, st.rest)(batch["features"])
-        return sum(
-            lam[t.name]
-            * losses.task_loss(t.kind, preds[t.name], batch["labels"][t.name], batch["valid"])
-            for t in data.task_specs
-        )
-
-    g = jax.grad(objective)(st.params)
+    g = jax.grad(weighted_objective(tr, st, batch, lam))(st.params)
     T = len(data.task_specs)
     want = {
         path: np.asarray(p)
@@ -130,15 +126,7 @@ def test_soft_sharing_step_includes_l2_to_mean_gradient(data):
     b = one_step(batches_of(data), 0)
     batch = jax.tree.map(lambda x: x[0], b)
 
-    def task_sum(params):
-        m = nnx.merge(tr.graphdef, params, st.rest)
-        preds, _ = m(batch["features"])
-        return sum(
-            losses.task_loss(t.kind, preds[t.name], batch["labels"][t.name], batch["valid"])
-            for t in data.task_specs
-        )
-
-    g = jax.grad(task_sum)(st.params)
+    g = jax.grad(weighted_objective(tr, st, batch))(st.params)
     cols_before = leaves_with_paths(st.params["columns"])
     st2, _ = tr.run(st, b, Stage(1))
     cols_after = leaves_with_paths(st2.params["columns"])
