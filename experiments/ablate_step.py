@@ -14,6 +14,8 @@
 - ``copies``: representation-level MGDA (T = 8): each task decoding its own copy of the
              representation (``MTLModel.decode_each``, one matmul per tower) vs the shared
              bottom's fused first tower layers with a custom VJP (``base.towers_on_copies``).
+- ``optimizer``: not a choice but a measure of where the time goes: the default Adam vs plain SGD
+             (Adam reads and writes two dense moments per parameter), shared bottom, T = 3.
 - ``chunk``: the fixed cost of one ``Trainer.run``: the stage mask rebuilt on the host and sent
              per call (as before) vs cached on the device, and 32,768 rows per call vs one
              epoch of the main job's ML-100K training split (73,728 rows, the benchmark's chunk).
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,7 +39,7 @@ import optax
 from mtl import aggregation, losses, partition, train
 from mtl.models import shared_bottom
 from mtl.models.base import MTLModel, head_output, towers_on_shared_input
-from mtl.train import Trainer
+from mtl.train import TrainConfig, Trainer
 
 EXAMPLES = 32768
 
@@ -154,6 +157,11 @@ def per_copy_decode() -> contextlib.AbstractContextManager:
     return patched(shared_bottom.SharedBottom, "decode_each", MTLModel.decode_each)
 
 
+def sgd() -> contextlib.AbstractContextManager:
+    """The benchmark's trainer with plain SGD instead of Adam."""
+    return patched(B, "TrainConfig", functools.partial(TrainConfig, optimizer="sgd"))
+
+
 def host_mask() -> contextlib.AbstractContextManager:
     """The stage mask as before: numpy booleans rebuilt from the parameter paths on every run."""
     rebuild = lambda self, state, stage: partition.selector_mask(state.params, stage.trainable)
@@ -192,7 +200,9 @@ def compare(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=("bce", "towers", "gram", "copies", "chunk"), default=None)
+    p.add_argument(
+        "--only", choices=("bce", "towers", "gram", "copies", "optimizer", "chunk"), default=None
+    )
     p.add_argument("--batch-sizes", default="256,4096")
     p.add_argument("--repeats", type=int, default=15)
     a = p.parse_args(argv)
@@ -228,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             copies = [("decoded apart", per_copy_decode), ("fused first layers", now)]
             rep = dict(aggregator="mgda", aggregate_on="representation")
             compare("rep-level MGDA, copies", copies, b, 8, a.repeats, **rep)
+        if a.only in (None, "optimizer"):
+            compare("optimizer", [("Adam (default)", now), ("SGD", sgd)], b, 3, a.repeats)
         if a.only in (None, "chunk"):
             runs = [
                 ("host mask, 32,768 rows per run", host_mask),
