@@ -33,6 +33,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.learning_rate = 2e-3
     c.dropout = 0.1
     c.seed = 0
+    # early stopping on the validation split (mtl.runner.EarlyStopping): 0 = off, train all epochs
+    c.patience = 0
+    c.monitor = "mean/auc"
     c.workdir = "runs/movielens"
     c.progress = True
     c.models = (
@@ -94,6 +97,8 @@ def main(c: ConfigDict) -> int:
             "learning_rate": c.learning_rate,
             "seed": c.seed,
         }
+        if c.patience > 0:
+            spec["early_stopping"] = {"monitor": c.monitor, "patience": c.patience}
         print(f"-- {model} / {schedule}" + (f" / {aggregator}" if aggregator else ""))
         runs.append(train_run(spec, train, test, val=val, rundir=rundir, progress=c.progress))
     add_delta_m(runs)

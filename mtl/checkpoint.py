@@ -59,6 +59,14 @@ class Checkpointer:
             ),
         )
 
+    def beside(self, suffix: str, max_to_keep: int = 1) -> Checkpointer:
+        """A checkpointer with this one's fingerprint in the sibling directory ``<dir>-<suffix>``."""
+        return Checkpointer(
+            self.directory.with_name(f"{self.directory.name}-{suffix}"),
+            self.fingerprint,
+            max_to_keep=max_to_keep,
+        )
+
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 

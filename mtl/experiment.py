@@ -22,7 +22,7 @@ from mtl import metrics as M
 from mtl.checkpoint import Checkpointer, CheckpointMismatch
 from mtl.data.batching import Dataset
 from mtl.models import build_model
-from mtl.runner import Divergence, evaluate, examples_per_second, fit
+from mtl.runner import Divergence, EarlyStopping, evaluate, examples_per_second, fit
 from mtl.train import TrainConfig, Trainer, make_schedule
 
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, CheckpointMismatch, Divergence)
@@ -196,7 +196,8 @@ def train_run(
 
     ``spec`` keys: model, model_kwargs, schedule (joint | alternating | staged), epochs, stages,
     batch_size, learning_rate, optimizer, weights, aggregator, aggregator_kwargs, aggregate_on,
-    weighting, weighting_kwargs, order, probs, l1, l2, seed, nan_policy, log_every, save_every.
+    weighting, weighting_kwargs, order, probs, l1, l2, seed, nan_policy, log_every, save_every,
+    early_stopping (a mapping of ``mtl.runner.EarlyStopping``'s fields; needs ``val``).
     """
     from mtl import aggregation, weighting
     from mtl.spec import unknown
@@ -214,6 +215,15 @@ def train_run(
         raise unknown("aggregator", spec["aggregator"], aggregation.AGGREGATORS)
     if spec.get("weighting", "fixed") not in weighting.WEIGHTINGS:
         raise unknown("weighting", spec["weighting"], weighting.WEIGHTINGS)
+    early = spec.get("early_stopping")
+    if early is not None:
+        fields = {f.name for f in dataclasses.fields(EarlyStopping)}
+        extra = sorted(set(early) - fields)
+        if extra:
+            raise ValueError(f"early_stopping: unknown fields {extra}; known: {sorted(fields)}")
+        early = EarlyStopping(**dict(early))
+        if val is None:
+            raise ValueError("early_stopping: needs a validation split (val) to monitor")
     model = build_model(
         spec["model"],
         train.feature_specs,
@@ -276,6 +286,7 @@ def train_run(
             should_stop=stop,
             progress=progress,
             mesh=mesh,
+            early_stopping=early,
         )
     finally:
         if ckpt is not None:
@@ -293,6 +304,8 @@ def train_run(
         history=res.history,
         skipped_steps=int(res.state.skipped),
     )
+    if early is not None:
+        record.update(best_epoch=res.best_epoch, stopped_early=res.stopped_early)
     record["_trainer"], record["_state"] = trainer, res.state
     return record
 

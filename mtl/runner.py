@@ -29,8 +29,92 @@ class Divergence(FloatingPointError):
 
 @dataclasses.dataclass
 class FitResult:
+    """``state``: the final state, or the best evaluation's with ``EarlyStopping(restore_best)``;
+    ``best_epoch``: that evaluation's epoch (None without early stopping); ``stopped_early``."""
+
     state: TrainState
     history: list[dict]
+    best_epoch: int | None = None
+    stopped_early: bool = False
+
+
+_LOWER_IS_BETTER = ("rmse", "mse", "mae", "loss", "logloss")
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+    """Stop when the validation score has not improved for ``patience`` evaluations in a row.
+
+    ``monitor``: ``"task/metric"`` (e.g. ``"rating/rmse"``), ``"mean/metric"`` (that metric
+    averaged over the tasks that report it, e.g. ``"mean/auc"``), or a function of the evaluation
+    dict ``{task: {metric: value}}`` returning a float. ``mode``: ``"max"``, ``"min"``, or
+    ``"auto"`` (min for rmse, mse, mae and losses; max otherwise). A score improves when it beats
+    the best one by more than ``min_delta``. ``restore_best``: ``fit`` returns the state of the
+    best evaluation instead of the last one (with a checkpointer it is also saved beside the run's
+    checkpoints, in ``<dir>-best``, so a resumed run still has it). Decisions are read off the
+    history, so a resumed run stops where the uninterrupted one would.
+    """
+
+    monitor: str | Callable[[dict], float]
+    patience: int = 3
+    mode: str = "auto"
+    min_delta: float = 0.0
+    restore_best: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.patience, int) and self.patience >= 1):
+            raise ValueError(f"early_stopping.patience: {self.patience!r} must be an int >= 1")
+        if self.mode not in ("auto", "max", "min"):
+            raise ValueError(f"early_stopping.mode: {self.mode!r} must be 'auto', 'max' or 'min'")
+        if not self.min_delta >= 0:
+            raise ValueError(f"early_stopping.min_delta: {self.min_delta!r} must be >= 0")
+        if isinstance(self.monitor, str) and self.monitor.count("/") != 1:
+            raise ValueError(
+                f"early_stopping.monitor: {self.monitor!r} must be 'task/metric' or 'mean/metric' "
+                "(e.g. 'rating/rmse', 'mean/auc'), or a function of the evaluation dict"
+            )
+
+    def _sign(self) -> float:
+        """+1 when higher is better, -1 when lower is."""
+        mode = self.mode
+        if mode == "auto":
+            metric = self.monitor.split("/")[1] if isinstance(self.monitor, str) else ""
+            mode = "min" if metric.lower() in _LOWER_IS_BETTER else "max"
+        return 1.0 if mode == "max" else -1.0
+
+    def score(self, evaluation: dict) -> float:
+        """The monitored value of one evaluation ({task: {metric: value}})."""
+        if callable(self.monitor):
+            return float(self.monitor(evaluation))
+        task, metric = self.monitor.split("/")
+        if task == "mean":
+            values = [m[metric] for m in evaluation.values() if metric in m]
+            if not values:
+                raise ValueError(
+                    f"early_stopping.monitor: {self.monitor!r}: no task reports {metric!r}; "
+                    f"metrics reported: {sorted({k for m in evaluation.values() for k in m})}"
+                )
+            return float(np.mean(values))
+        if task not in evaluation or metric not in evaluation[task]:
+            have = [f"{t}/{k}" for t, m in evaluation.items() for k in m]
+            raise ValueError(
+                f"early_stopping.monitor: {self.monitor!r} is not in the evaluation; "
+                f"choose one of {have} or 'mean/<metric>'"
+            )
+        return float(evaluation[task][metric])
+
+    def status(self, history: Sequence[dict]) -> tuple[int | None, float, int]:
+        """(best epoch, its signed score, evaluations since it) over ``history``'s evaluations."""
+        best_epoch, best, since = None, -np.inf, 0
+        for rec in history:
+            if "eval" not in rec:
+                continue
+            s = self._sign() * self.score(rec["eval"])
+            if best_epoch is None or s > best + self.min_delta:
+                best_epoch, best, since = rec["epoch"], s, 0
+            else:
+                since += 1
+        return best_epoch, best, since
 
 
 def evaluate(
@@ -158,6 +242,7 @@ def fit(
     should_stop: Callable[[], bool] | None = None,
     progress: bool = False,
     mesh=None,
+    early_stopping: EarlyStopping | None = None,
 ) -> FitResult:
     """Train through ``stages``; resume from ``checkpointer`` if it holds a checkpoint.
 
@@ -166,11 +251,16 @@ def fit(
     ``should_stop`` is polled after every chunk; when it returns True a checkpoint is written and
     KeyboardInterrupt is raised. ``mesh`` (mtl.parallel.make_mesh) shards every batch over its
     'data' axis and replicates the state: data-parallel training with the same results.
+    ``early_stopping`` ends training once ``eval_data``'s score stops improving (EarlyStopping).
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size: {batch_size} must be >= 1")
     if len(train) == 0:
         raise ValueError("train: the training split is empty; check the split and the data")
+    if early_stopping is not None and eval_data is None:
+        raise ValueError(
+            "early_stopping: needs eval_data (the validation split it monitors); pass eval_data"
+        )
     S = num_batches(len(train), batch_size)
     history: list[dict] = []
     partial: list[dict] = []  # summaries of the chunks already run in the current epoch
@@ -198,9 +288,13 @@ def fit(
                 int(state.step), state, {"history": history, "partial": list(partial)}
             )
 
+    es, best_state, best_ck = early_stopping, None, None
+    if es is not None and es.restore_best and checkpointer is not None:
+        best_ck = checkpointer.beside("best", max_to_keep=1)
+    stopped = es is not None and es.status(history)[2] >= es.patience
     for e, (stage_idx, stage) in enumerate(epochs):
         start = e * S
-        if int(state.step) >= start + S:
+        if stopped or int(state.step) >= start + S:
             continue
         t0 = time.perf_counter()
         batches = epoch_batches(train, batch_size, jax.random.fold_in(data_key, e))
@@ -252,17 +346,40 @@ def fit(
         if eval_data is not None and ((e + 1) % eval_every == 0 or e == len(epochs) - 1):
             record["eval"] = evaluate(trainer, state, eval_data, mesh=mesh)
         history.append(record)
+        if es is not None and "eval" in record:
+            best_epoch, _, since = es.status(history)
+            stopped = since >= es.patience
+            if es.restore_best and best_epoch == e:
+                best_state = jax.tree.map(jnp.copy, state)  # the next run donates state's buffers
+                if best_ck is not None:
+                    best_ck.save(int(state.step), state, {"epoch": e})
         if on_epoch is not None:
             on_epoch(record)
         save(state, history)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['train_loss']:.4f}")
-        if e + 1 < len(epochs) and should_stop is not None and should_stop():
+        if e + 1 < len(epochs) and not stopped and should_stop is not None and should_stop():
             raise KeyboardInterrupt(_stopped(state, checkpointer))
     if bar is not None:
         bar.close()
-    return FitResult(state, history)
+    if es is None:
+        return FitResult(state, history)
+    best_epoch = es.status(history)[0]
+    if best_ck is not None:
+        if best_state is None and best_epoch is not None:  # resumed after the best evaluation
+            restored = best_ck.restore(state)
+            best_state = None if restored is None else restored[0]
+        best_ck.close()
+    if es.restore_best and best_epoch is not None:
+        if best_state is None:
+            raise RuntimeError(
+                f"early_stopping.restore_best: the state of epoch {best_epoch} is gone (its "
+                f"checkpoint in {best_ck.directory if best_ck else '-'} was removed); rerun "
+                "in a fresh run directory"
+            )
+        state = best_state if mesh is None else parallel.replicate(best_state, mesh)
+    return FitResult(state, history, best_epoch, stopped)
 
 
 def examples_per_second(history: Sequence[dict], n: int) -> float:
@@ -271,4 +388,12 @@ def examples_per_second(history: Sequence[dict], n: int) -> float:
     return float(n * len(secs) / max(sum(secs), 1e-9))
 
 
-__all__ = ["Divergence", "FitResult", "evaluate", "examples_per_second", "fit", "plan"]
+__all__ = [
+    "Divergence",
+    "EarlyStopping",
+    "FitResult",
+    "evaluate",
+    "examples_per_second",
+    "fit",
+    "plan",
+]

@@ -1,0 +1,182 @@
+"""Early stopping in fit: the stop and the best epoch match a brute-force reading of the recorded
+evaluations, the returned state is bit-identical to a run cut at the best epoch, a resumed run
+ends where the uninterrupted one does, and bad settings are refused by name."""
+
+import jax
+import numpy as np
+import pytest
+
+from mtl.checkpoint import Checkpointer
+from mtl.data import synthetic
+from mtl.data.batching import Dataset
+from mtl.models import build_model
+from mtl.runner import EarlyStopping, fit
+from mtl.train import Stage, TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def splits():
+    f, l, fs, ts = synthetic.recsys(n=256, num_users=30, num_items=40, seed=2)
+    train = Dataset(f, l, fs, ts)
+    f, l, fs, ts = synthetic.recsys(n=128, num_users=30, num_items=40, seed=3)
+    return train, Dataset(f, l, fs, ts)
+
+
+def make(train):
+    model = build_model(
+        "shared_bottom", train.feature_specs, train.task_specs, trunk=(8,), tower=(4,)
+    )
+    tr = Trainer(model, TrainConfig(learning_rate=3e-2))
+    return tr, tr.init(model, seed=1)
+
+
+def run(splits, epochs, **kw):
+    train, val = splits
+    tr, st = make(train)
+    return fit(tr, st, train, (Stage(epochs),), batch_size=64, data_seed=5, eval_data=val, **kw)
+
+
+def host(tree):
+    return [np.array(x) for x in jax.tree.leaves(tree)]
+
+
+def brute_force(scores, patience, higher_better, min_delta):
+    """(best index, index of the evaluation that stops the run or None), by a plain scan."""
+    best, stop = 0, None
+    for i in range(1, len(scores)):
+        gain = scores[i] - scores[best] if higher_better else scores[best] - scores[i]
+        if gain > min_delta:
+            best = i
+        if i - best >= patience:
+            stop = i
+            break
+    return best, stop
+
+
+@pytest.mark.parametrize(
+    "monitor, min_delta", [("rating/rmse", 0.0), ("rating/rmse", 0.2), ("mean/auc", 0.0)]
+)
+def test_stop_and_best_epoch_match_brute_force_and_best_state_is_that_epochs(
+    splits, monitor, min_delta
+):
+    """RMSE falls every epoch here (no stop, best = last); with min_delta 0.2 only every other
+    epoch counts (best in the middle); the mean AUC does not improve (an early stop)."""
+    epochs, patience = 8, 2
+    es = EarlyStopping(monitor, patience=patience, min_delta=min_delta)
+    res = run(splits, epochs, early_stopping=es)
+    task, metric = monitor.split("/")
+    evals = [h["eval"] for h in res.history]
+    scores = [
+        np.mean([e[t][metric] for t in e if metric in e[t]]) if task == "mean" else e[task][metric]
+        for e in evals
+    ]
+    best, stop = brute_force(scores, patience, metric != "rmse", min_delta)
+    assert res.best_epoch == best
+    assert res.stopped_early == (stop is not None)
+    assert len(res.history) == (epochs if stop is None else stop + 1)
+    cut = run(splits, best + 1)  # the same run, stopped right after the best epoch
+    for a, b in zip(host(res.state.params), host(cut.state.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_constant_score_stops_after_patience_and_keeps_the_first_state(splits):
+    res = run(splits, 6, early_stopping=EarlyStopping(lambda ev: 0.0, patience=3))
+    assert (res.best_epoch, res.stopped_early, len(res.history)) == (0, True, 4)
+    first = run(splits, 1)
+    for a, b in zip(host(res.state), host(first.state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    last = run(splits, 6, early_stopping=EarlyStopping(lambda ev: 0.0, 3, restore_best=False))
+    assert int(last.state.step) == 4 * int(first.state.step)  # the last state, 4 epochs in
+
+
+def test_resumed_run_stops_where_the_uninterrupted_one_does(splits, tmp_path):
+    es = EarlyStopping(lambda ev: 0.0, patience=3)
+    train, val = splits
+    tr, st = make(train)
+    ref = fit(
+        tr,
+        st,
+        train,
+        (Stage(6),),
+        batch_size=64,
+        data_seed=5,
+        eval_data=val,
+        early_stopping=es,
+        checkpointer=Checkpointer(tmp_path / "ref", tr.fingerprint()),
+    )
+    calls = {"n": 0}
+
+    def stop_after_two_epochs():
+        calls["n"] += 1
+        return calls["n"] == 2
+
+    tr1, st1 = make(train)
+    kw = dict(batch_size=64, data_seed=5, eval_data=val, early_stopping=es)
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            tr1,
+            st1,
+            train,
+            (Stage(6),),
+            **kw,
+            should_stop=stop_after_two_epochs,
+            checkpointer=Checkpointer(tmp_path / "ck", tr1.fingerprint()),
+        )
+    assert (tmp_path / "ck-best").is_dir()
+    tr2, st2 = make(train)
+    res = fit(
+        tr2,
+        st2,
+        train,
+        (Stage(6),),
+        **kw,
+        checkpointer=Checkpointer(tmp_path / "ck", tr2.fingerprint()),
+    )
+    assert (res.best_epoch, res.stopped_early) == (ref.best_epoch, ref.stopped_early) == (0, True)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    assert strip(res.history) == strip(ref.history)
+    for a, b in zip(host(res.state), host(ref.state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(monitor="rmse"), "early_stopping.monitor: 'rmse' must be 'task/metric'"),
+        (dict(monitor="rating/rmse", patience=0), "early_stopping.patience: 0 must be an int"),
+        (dict(monitor="rating/rmse", mode="up"), "early_stopping.mode: 'up'"),
+        (dict(monitor="rating/rmse", min_delta=-1.0), "early_stopping.min_delta: -1.0"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(kw, match):
+    with pytest.raises(ValueError, match=match):
+        EarlyStopping(**kw)
+
+
+def test_monitor_not_in_the_evaluation_and_missing_eval_data(splits):
+    train, _ = splits
+    with pytest.raises(ValueError, match=r"'rating/auc' is not in the evaluation; choose one of"):
+        run(splits, 2, early_stopping=EarlyStopping("rating/auc"))
+    with pytest.raises(ValueError, match="no task reports 'ndcg'"):
+        run(splits, 2, early_stopping=EarlyStopping("mean/ndcg"))
+    tr, st = make(train)
+    with pytest.raises(ValueError, match="early_stopping: needs eval_data"):
+        fit(tr, st, train, (Stage(2),), batch_size=64, early_stopping=EarlyStopping("mean/auc"))
+
+
+def test_train_run_takes_early_stopping_from_the_spec(splits, tmp_path):
+    from mtl.experiment import RunDir, train_run
+
+    train, val = splits
+    spec = dict(model="shared_bottom", model_kwargs=dict(trunk=(8,), tower=(4,)), epochs=6)
+    spec |= dict(batch_size=64, learning_rate=3e-2, seed=1, name="es")
+    es = {"monitor": "mean/auc", "patience": 2}
+    rec = train_run(spec | {"early_stopping": es}, train, val, val=val, progress=False)
+    scores = [np.mean([m["auc"] for m in h["eval"].values() if "auc" in m]) for h in rec["history"]]
+    best, stop = brute_force(scores, 2, True, 0.0)
+    assert (rec["best_epoch"], rec["stopped_early"]) == (best, stop is not None)
+    assert len(rec["history"]) == (6 if stop is None else stop + 1)
+    with pytest.raises(ValueError, match=r"early_stopping: unknown fields \['patiense'\]"):
+        train_run(spec | {"early_stopping": {"monitor": "mean/auc", "patiense": 2}}, train, val)
+    with pytest.raises(ValueError, match=r"early_stopping: needs a validation split \(val\)"):
+        train_run(spec | {"early_stopping": es}, train, val, rundir=RunDir(tmp_path))
