@@ -90,48 +90,27 @@ def test_constant_score_stops_after_patience_and_keeps_the_first_state(splits):
 
 
 def test_resumed_run_stops_where_the_uninterrupted_one_does(splits, tmp_path):
-    es = EarlyStopping(lambda ev: 0.0, patience=3)
+    """The best epoch (0) precedes the interruption, so the resumed run reads it back from disk."""
     train, val = splits
-    tr, st = make(train)
-    ref = fit(
-        tr,
-        st,
-        train,
-        (Stage(6),),
-        batch_size=64,
-        data_seed=5,
-        eval_data=val,
-        early_stopping=es,
-        checkpointer=Checkpointer(tmp_path / "ref", tr.fingerprint()),
-    )
+
+    def fit_in(directory, **extra):
+        tr, st = make(train)
+        es = EarlyStopping(lambda ev: 0.0, patience=3)
+        ck = Checkpointer(directory, tr.fingerprint())
+        kw = dict(batch_size=64, data_seed=5, eval_data=val, early_stopping=es, checkpointer=ck)
+        return fit(tr, st, train, (Stage(6),), **kw, **extra)
+
+    ref = fit_in(tmp_path / "ref")
     calls = {"n": 0}
 
     def stop_after_two_epochs():
         calls["n"] += 1
         return calls["n"] == 2
 
-    tr1, st1 = make(train)
-    kw = dict(batch_size=64, data_seed=5, eval_data=val, early_stopping=es)
     with pytest.raises(KeyboardInterrupt):
-        fit(
-            tr1,
-            st1,
-            train,
-            (Stage(6),),
-            **kw,
-            should_stop=stop_after_two_epochs,
-            checkpointer=Checkpointer(tmp_path / "ck", tr1.fingerprint()),
-        )
+        fit_in(tmp_path / "ck", should_stop=stop_after_two_epochs)
     assert (tmp_path / "ck-best").is_dir()
-    tr2, st2 = make(train)
-    res = fit(
-        tr2,
-        st2,
-        train,
-        (Stage(6),),
-        **kw,
-        checkpointer=Checkpointer(tmp_path / "ck", tr2.fingerprint()),
-    )
+    res = fit_in(tmp_path / "ck")
     assert (res.best_epoch, res.stopped_early) == (ref.best_epoch, ref.stopped_early) == (0, True)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
     assert strip(res.history) == strip(ref.history)
