@@ -38,7 +38,7 @@ class FitResult:
     stopped_early: bool = False
 
 
-_LOWER_IS_BETTER = ("rmse", "mse", "mae", "loss", "logloss")
+_LOWER_IS_BETTER = ("rmse", "mse", "mae")  # and every metric whose name ends in "loss"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,7 @@ class EarlyStopping:
     ``monitor``: ``"task/metric"`` (e.g. ``"rating/rmse"``), ``"mean/metric"`` (that metric
     averaged over the tasks that report it, e.g. ``"mean/auc"``), or a function of the evaluation
     dict ``{task: {metric: value}}`` returning a float. ``mode``: ``"max"``, ``"min"``, or
-    ``"auto"`` (min for rmse, mse, mae and losses; max otherwise). A score improves when it beats
+    ``"auto"`` (min for rmse, mse, mae and ``*loss``, e.g. log_loss; max otherwise). A score improves when it beats
     the best one by more than ``min_delta``. ``restore_best``: ``fit`` returns the state of the
     best evaluation instead of the last one (with a checkpointer it is also saved beside the run's
     checkpoints, in ``<dir>-best``, so a resumed run still has it). Decisions are read off the
@@ -79,7 +79,8 @@ class EarlyStopping:
         mode = self.mode
         if mode == "auto":
             metric = self.monitor.split("/")[1] if isinstance(self.monitor, str) else ""
-            mode = "min" if metric.lower() in _LOWER_IS_BETTER else "max"
+            lower = metric.lower() in _LOWER_IS_BETTER or metric.lower().endswith("loss")
+            mode = "min" if lower else "max"
         return 1.0 if mode == "max" else -1.0
 
     def score(self, evaluation: dict) -> float:

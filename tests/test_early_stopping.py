@@ -132,6 +132,24 @@ def test_bad_settings_are_refused_by_name(kw, match):
         EarlyStopping(**kw)
 
 
+def test_auto_mode_reads_the_metric_name():
+    """Lower is better for the error metrics and losses that mtl.metrics reports, higher else."""
+    ev = {"like": {"auc": 0.7, "log_loss": 0.5}, "rating": {"rmse": 1.0, "mae": 0.8}}
+    hist = [
+        {"epoch": 0, "eval": ev},
+        {"epoch": 1, "eval": {t: {k: v + 0.1 for k, v in m.items()} for t, m in ev.items()}},
+    ]
+    for monitor, best in [
+        ("like/auc", 1),
+        ("like/log_loss", 0),
+        ("rating/rmse", 0),
+        ("rating/mae", 0),
+        ("mean/auc", 1),
+    ]:
+        assert EarlyStopping(monitor).status(hist)[0] == best, monitor
+    assert EarlyStopping("like/log_loss", mode="max").status(hist)[0] == 1
+
+
 def test_monitor_not_in_the_evaluation_and_missing_eval_data(splits):
     train, _ = splits
     with pytest.raises(ValueError, match=r"'rating/auc' is not in the evaluation; choose one of"):
