@@ -43,8 +43,10 @@ _LONG_ROWS = 128 * 1024
 
 def _long(p: int) -> bool:
     """Rows of length ``p`` >= 128 x 1024 (e.g. a representation-level Jacobian over B x H) are
-    handled row by row: ``_gram`` as pairwise sums, ``_combine`` as a sum of scaled rows."""
-    return p >= _LONG_ROWS
+    handled row by row on CPU: ``_gram`` as pairwise sums, ``_combine`` as a sum of scaled rows.
+    Other backends keep the plain products: their GEMM libraries handle a few long rows well, and
+    the row-by-row form was measured on CPU only."""
+    return p >= _LONG_ROWS and jax.default_backend() == "cpu"
 
 
 def _gram(jacobian_TxP: Array) -> Array:
