@@ -16,6 +16,10 @@
              bottom's fused first tower layers with a custom VJP (``base.towers_on_copies``).
 - ``optimizer``: not a choice but a measure of where the time goes: the default Adam vs plain SGD
              (Adam reads and writes two dense moments per parameter), shared bottom, T = 3.
+- ``xla``:   not a default but a documented option: the step compiled with
+             ``TrainConfig(compiler_options=YNN_DOTS_ONLY)`` (XLA:CPU hands only dots to YNNPACK;
+             reductions and elementwise ops stay with XLA's own emitters) vs the default, shared
+             bottom and MMoE joint (T = 3) and shared bottom with UPGrad.
 - ``chunk``: the fixed cost of one ``Trainer.run``: the stage mask rebuilt on the host and sent
              per call (as before) vs cached on the device, and 32,768 rows per call vs one
              epoch of the main job's ML-100K training split (73,728 rows, the benchmark's chunk).
@@ -162,6 +166,14 @@ def sgd() -> contextlib.AbstractContextManager:
     return patched(B, "TrainConfig", functools.partial(TrainConfig, optimizer="sgd"))
 
 
+YNN_DOTS_ONLY = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def ynn_dots_only() -> contextlib.AbstractContextManager:
+    """The benchmark's trainer compiled with ``compiler_options=YNN_DOTS_ONLY``."""
+    return patched(B, "TrainConfig", functools.partial(TrainConfig, compiler_options=YNN_DOTS_ONLY))
+
+
 def host_mask() -> contextlib.AbstractContextManager:
     """The stage mask as before: numpy booleans rebuilt from the parameter paths on every run."""
     rebuild = lambda self, state, stage: partition.selector_mask(state.params, stage.trainable)
@@ -175,6 +187,7 @@ def compare(
     tasks: int,
     repeats: int,
     examples: list[int] | None = None,
+    model: str = "shared_bottom",
     **ours_kw: Any,
 ) -> None:
     """``examples``: rows per timed chunk for each variant (default ``EXAMPLES`` for all)."""
@@ -183,7 +196,7 @@ def compare(
     benches = []
     for (name, ctx), rows in zip(variants, examples, strict=True):
         with ctx():
-            o = B.ours("shared_bottom", data, batch, max(4, rows // batch), **ours_kw)
+            o = B.ours(model, data, batch, max(4, rows // batch), **ours_kw)
             o.compile()
             bench = o.warm_up()
         bench.label["variant"] = name
@@ -201,7 +214,9 @@ def compare(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--only", choices=("bce", "towers", "gram", "copies", "optimizer", "chunk"), default=None
+        "--only",
+        choices=("bce", "towers", "gram", "copies", "optimizer", "xla", "chunk"),
+        default=None,
     )
     p.add_argument("--batch-sizes", default="256,4096")
     p.add_argument("--repeats", type=int, default=15)
@@ -240,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
             compare("rep-level MGDA, copies", copies, b, 8, a.repeats, **rep)
         if a.only in (None, "optimizer"):
             compare("optimizer", [("Adam (default)", now), ("SGD", sgd)], b, 3, a.repeats)
+        if a.only in (None, "xla"):
+            xla = [("default", now), ("YNNPACK for dots only", ynn_dots_only)]
+            compare("XLA options, shared bottom", xla, b, 3, a.repeats)
+            compare("XLA options, MMoE", xla, b, 3, a.repeats, model="mmoe")
+            compare("XLA options, UPGrad", xla, b, 3, a.repeats, aggregator="upgrad")
         if a.only in (None, "chunk"):
             runs = [
                 ("host mask, 32,768 rows per run", host_mask),

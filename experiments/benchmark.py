@@ -82,6 +82,8 @@ TORCHJD_NAMES = {"upgrad": "UPGrad", "mgda": "MGDA", "pcgrad": "PCGrad"}
 # MGDA differs by design: ours solves the min-norm QP exactly, TorchJD runs Frank-Wolfe (eps 1e-3).
 AGG_KWARGS: dict[str, dict[str, Any]] = {"upgrad": {"reg_eps": 1e-4}}
 LR = 1e-3
+# TrainConfig.compiler_options of every setting of ours (--compiler-options; default none)
+COMPILER_OPTIONS: dict[str, Any] = {}
 # rows per timed chunk: one epoch of the main job's ML-100K training split (100,000 ratings less
 # 20% test and 10% of the rest for validation = 72,000), rounded up to a multiple of 4096
 EPOCH_EXAMPLES = 73728
@@ -292,6 +294,7 @@ def ours(
         aggregator=aggregator,
         aggregator_kwargs=AGG_KWARGS.get(aggregator or "", {}),
         aggregate_on=aggregate_on,
+        compiler_options=dict(COMPILER_OPTIONS),
     )
     trainer = Trainer(model, config)
     state = trainer.init(model)
@@ -868,6 +871,7 @@ def environment(torch: Any, threads: int) -> dict[str, Any]:
         ),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": dict(COMPILER_OPTIONS),
         "loadavg_start": list(os.getloadavg()),
     }
 
@@ -901,11 +905,19 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=os.cpu_count() or 1,
         help="XLA compiles at a time (the first setting of each group compiles alone)",
     )
+    p.add_argument(
+        "--compiler-options",
+        type=json.loads,
+        default={},
+        help="XLA options for our steps as JSON (TrainConfig.compiler_options), e.g. "
+        '\'{"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}\'',
+    )
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    COMPILER_OPTIONS.update(args.compiler_options)
     t_start = time.perf_counter()
     q = args.quick
     batch_sizes = [
@@ -1157,6 +1169,8 @@ def report(doc: dict) -> str:
         "FLOP/s (XLA cost analysis / median step) over the faster of the two medians; best/best = "
         "fastest step over fastest matmul",
         f"- peak host memory (RSS) {env['peak_rss_mib']:.0f} MiB; run time {doc['seconds']:.0f} s",
+        f"- XLA options of our steps: {env.get('compiler_options') or 'none (defaults)'}; "
+        f"XLA_FLAGS={env['XLA_FLAGS'] or '(unset)'}",
         "",
         "## Training steps (ML-100K-shaped input, T = 3)",
         "",

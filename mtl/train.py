@@ -109,9 +109,38 @@ class TrainConfig:
     weighting_kwargs: dict = dataclasses.field(default_factory=dict)
     nan_policy: str = "stop"
     log_every: int = 0  # gradient-analysis interval in steps (0: off)
+    # XLA options for the compiled step and predict (jax.jit's compiler_options), e.g.
+    # {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"} (docs/scaling.md)
+    compiler_options: dict = dataclasses.field(default_factory=dict)
 
 
 OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagrad": optax.adagrad}
+
+
+def check_compiler_options(options: dict) -> dict | None:
+    """``options`` (TrainConfig.compiler_options) as jax.jit takes them, after XLA accepted them on
+    a one-op program: a misspelt name or a bad value fails here, naming it, not at the first step."""
+    if not isinstance(options, dict):
+        raise TypeError(
+            f"compiler_options: {options!r} must be a dict of XLA option name -> value, e.g. "
+            '{"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}'
+        )
+    for k, v in options.items():
+        if not isinstance(k, str) or not isinstance(v, str | bool | int | float):
+            raise TypeError(
+                f"compiler_options: {k!r}: {v!r} must map an option name (str) to a str, bool, "
+                "int or float"
+            )
+    if not options:
+        return None
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(jnp.zeros(())).compile()
+    except Exception as e:  # noqa: BLE001 - XLA's own message says which option and why
+        raise ValueError(
+            f"compiler_options: XLA ({jax.default_backend()}, jaxlib {jax.__version__}) rejected "
+            f"{options}: {e}; fix the name or value, or drop the option"
+        ) from None
+    return dict(options)
 
 
 class Trainer:
@@ -152,6 +181,7 @@ class Trainer:
                 raise ValueError(f"learning_rate: {c.learning_rate} must be > 0")
             tx = OPTIMIZERS[c.optimizer](c.learning_rate)
         self.tx = tx
+        opts = check_compiler_options(c.compiler_options)
         self.aggregator = (
             None
             if c.aggregator is None
@@ -196,8 +226,9 @@ class Trainer:
             self._epoch_fn,
             donate_argnums=(0,),
             static_argnames=("task_ids", "alternating", "phase"),
+            compiler_options=opts,
         )
-        self._predict = jax.jit(self._predict_fn)
+        self._predict = jax.jit(self._predict_fn, compiler_options=opts)
 
     # ------------------------------------------------------------------ state
     def init(self, model: nnx.Module, seed: int = 0) -> TrainState:

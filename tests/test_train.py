@@ -267,3 +267,28 @@ def test_custom_optax_transform_is_used(data):
     for k, v in leaves_with_paths(st2.params).items():
         np.testing.assert_array_equal(before[k], v)
     assert int(st2.step) == 8 and isinstance(st2.step, jnp.ndarray)
+
+
+def test_compiler_options_reach_the_step_and_bad_ones_are_refused(data, tmp_path):
+    """``compiler_options`` go to XLA with the step: xla_dump_to makes XLA write the step's HLO
+    into the folder, and the trajectory equals the run without options, bit for bit."""
+    b = batches_of(data)
+    runs = {}
+    for opts in ({}, {"xla_dump_to": str(tmp_path)}):
+        model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
+        tr = Trainer(model, TrainConfig(learning_rate=1e-2, compiler_options=opts))
+        st, m = tr.run(tr.init(model), b, Stage(1))
+        runs[bool(opts)] = (np.asarray(m["loss"]), leaves_with_paths(st.params))
+    dumped = [p.name for p in tmp_path.iterdir()]
+    assert any("_epoch_fn" in n for n in dumped), dumped
+    np.testing.assert_array_equal(runs[True][0], runs[False][0])
+    for k, v in runs[False][1].items():
+        np.testing.assert_array_equal(runs[True][1][k], v)
+
+    model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
+    with pytest.raises(ValueError, match="compiler_options.*xla_no_such_option"):
+        Trainer(model, TrainConfig(compiler_options={"xla_no_such_option": True}))
+    with pytest.raises(TypeError, match="compiler_options.*must be a dict"):
+        Trainer(model, TrainConfig(compiler_options=[("xla_dump_to", "/tmp")]))
+    with pytest.raises(TypeError, match="compiler_options.*xla_dump_to"):
+        Trainer(model, TrainConfig(compiler_options={"xla_dump_to": None}))
