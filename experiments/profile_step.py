@@ -2,7 +2,7 @@
 
 Runs the benchmark's setting (``experiments/benchmark.py``: ML-100K-shaped input, one
 ``Trainer.run`` over a chunk of scanned steps) under ``jax.profiler.trace`` with XLA:CPU's per-op
-trace events on (``TrainConfig.compiler_options={"xla_cpu_enable_xprof_traceme": True}``), and
+trace events on (``"xla_cpu_enable_xprof_traceme": True`` added to the step's compiler options), and
 sums the events of each HLO instruction of the compiled step. Each op is listed with its output
 shape and the jax operation it came from (its ``op_name`` metadata), and the ops are also summed by
 that operation (forward ``jvp()`` vs backward ``transpose(jvp())``, ``dot_general``, ``select_n``
@@ -31,6 +31,8 @@ from typing import Any
 
 import benchmark as B  # experiments/benchmark.py: python puts the script's folder on sys.path
 import jax
+
+from mtl.train import tuned_compiler_options
 
 TRACE = {"xla_cpu_enable_xprof_traceme": True}
 _INSTR = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w-]+)\(")
@@ -92,12 +94,13 @@ def profile(
     untraced = B.ours(model, data, batch, steps, aggregator=aggregator)
     untraced.compile()
     plain = untraced.warm_up()
-    B.COMPILER_OPTIONS.update(TRACE)
+    given = B.COMPILER_OPTIONS
+    base = given if given is not None else tuned_compiler_options("cpu", aggregator is not None)
+    B.COMPILER_OPTIONS = {**base, **TRACE}
     try:
         o = B.ours(model, data, batch, steps, aggregator=aggregator)
     finally:
-        for k in TRACE:
-            B.COMPILER_OPTIONS.pop(k)
+        B.COMPILER_OPTIONS = given
     hlo = instructions(o.lowered.compile().as_text())
     o.compile()
     traced = o.warm_up()
