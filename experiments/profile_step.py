@@ -10,6 +10,7 @@ that operation (forward ``jvp()`` vs backward ``transpose(jvp())``, ``dot_genera
 
     .venv/bin/python experiments/profile_step.py                      # shared bottom, batch 4096
     .venv/bin/python experiments/profile_step.py --model mmoe --batch 256 --aggregator upgrad
+    .venv/bin/python experiments/profile_step.py --tasks 8 --aggregator mgda --aggregate-on representation
 
 Read it as a map, not a stopwatch: tracing adds a few µs per op, and XLA:CPU runs some ops (Eigen
 dots) asynchronously, so an event can include time when the cores worked on another op. The sum of
@@ -86,19 +87,26 @@ def event_us(trace_dir: Path, names: set[str]) -> collections.Counter:
 
 
 def profile(
-    model: str, batch: int, aggregator: str | None, chunks: int, rows: int
+    model: str,
+    batch: int,
+    aggregator: str | None,
+    chunks: int,
+    rows: int,
+    tasks: int = 3,
+    aggregate_on: str = "params",
 ) -> dict[str, Any]:
     """Per-op µs/step of ``chunks`` traced chunks of the benchmark's setting, and the untraced step."""
     steps = max(1, rows // batch)
-    data = B.ml100k_like(steps * batch)
-    untraced = B.ours(model, data, batch, steps, aggregator=aggregator)
+    data = B.ml100k_like(steps * batch, num_tasks=tasks)
+    kw = dict(aggregator=aggregator, aggregate_on=aggregate_on)
+    untraced = B.ours(model, data, batch, steps, **kw)
     untraced.compile()
     plain = untraced.warm_up()
     given = B.COMPILER_OPTIONS
     base = given if given is not None else tuned_compiler_options("cpu", aggregator is not None)
     B.COMPILER_OPTIONS = {**base, **TRACE}
     try:
-        o = B.ours(model, data, batch, steps, aggregator=aggregator)
+        o = B.ours(model, data, batch, steps, **kw)
     finally:
         B.COMPILER_OPTIONS = given
     hlo = instructions(o.lowered.compile().as_text())
@@ -126,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default="shared_bottom", choices=sorted(B.SIZES))
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--aggregator", default=None, help="e.g. upgrad (default: plain joint step)")
+    p.add_argument("--aggregate-on", default="params", choices=("params", "representation"))
+    p.add_argument("--tasks", type=int, default=3, help="T (3, or 8 for the many-task input)")
     p.add_argument("--chunks", type=int, default=3, help="traced chunks")
     p.add_argument("--rows", type=int, default=B.EPOCH_EXAMPLES, help="rows per chunk")
     p.add_argument("--top", type=int, default=25, help="ops listed")
@@ -133,10 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if jax.default_backend() != "cpu":
         print(f"backend {jax.default_backend()}: this reads XLA:CPU's op events; use its profiler")
         return 1
-    r = profile(a.model, a.batch, a.aggregator, a.chunks, a.rows)
+    r = profile(a.model, a.batch, a.aggregator, a.chunks, a.rows, a.tasks, a.aggregate_on)
     total = sum(op["us"] for op in r["ops"])
     print(
-        f"{a.model}, batch {a.batch}, aggregator {a.aggregator or '-'}: step "
+        f"{a.model}, T = {a.tasks}, batch {a.batch}, aggregator {a.aggregator or '-'}"
+        f"{' on the representation' if a.aggregator and a.aggregate_on != 'params' else ''}: step "
         f"{r['step_ms_untraced']:.2f} ms untraced, {r['step_ms_traced']:.2f} ms traced; op events "
         f"sum to {total / 1e3:.2f} ms/step over {len(r['ops'])} ops\n"
     )
