@@ -119,7 +119,7 @@ OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagr
 
 # XLA:CPU: YNNPACK for dots only (reductions and elementwise ops stay with XLA's emitters). In
 # `experiments/ablate_step.py --only xla` this made steps without per-task gradients up to 8%
-# faster (MMoE, the shared bottom at batch 4096) and UPGrad steps 2-9% slower (docs/scaling.md).
+# faster (MMoE, the shared bottom at batch 4096) and UPGrad steps 1-9% slower (docs/scaling.md).
 CPU_JOINT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 

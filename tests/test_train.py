@@ -321,3 +321,23 @@ def test_tuned_compiler_options_follow_the_step(data):
         runs[name] = np.asarray(m["loss"])
     np.testing.assert_array_equal(runs["tuned"], runs["explicit"])
     np.testing.assert_allclose(runs["tuned"], runs["xla"], rtol=1e-5)
+
+
+def test_train_run_passes_compiler_options_from_the_spec(data, monkeypatch):
+    """The spec key compiler_options reaches the Trainer as given; absent, it is None (mtl's
+    choice), so experiments get the same XLA options as a Trainer built by hand."""
+    from mtl import experiment
+    from mtl.train import tuned_compiler_options
+
+    seen = []
+
+    class Recording(Trainer):
+        def __init__(self, model, config, tx=None):
+            super().__init__(model, config, tx)
+            seen.append((config.compiler_options, self.compiler_options))
+
+    monkeypatch.setattr(experiment, "Trainer", Recording)
+    spec = dict(model="shared_bottom", model_kwargs=SIZES, epochs=1, batch_size=128)
+    experiment.train_run(spec, data, data, progress=False)
+    experiment.train_run(spec | {"compiler_options": {}}, data, data, progress=False)
+    assert seen == [(None, tuned_compiler_options("cpu", False)), ({}, {})]
