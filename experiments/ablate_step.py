@@ -16,11 +16,10 @@
              bottom's fused first tower layers with a custom VJP (``base.towers_on_copies``).
 - ``optimizer``: not a choice but a measure of where the time goes: the default Adam vs plain SGD
              (Adam reads and writes two dense moments per parameter), shared bottom, T = 3.
-- ``xla``:   XLA's default options vs ``train.CPU_JOINT_OPTIONS`` (XLA:CPU hands only dots to
-             YNNPACK; reductions and elementwise ops stay with XLA's own emitters), both given
-             explicitly as ``TrainConfig.compiler_options``; shared bottom and MMoE joint
-             (T = 3 and 8), shared bottom with UPGrad. The trainer's choice
-             (``train.tuned_compiler_options``) follows from it.
+- ``xla``:   XLA's default options (the trainer's default) vs ``train.CPU_JOINT_OPTIONS``
+             (XLA:CPU hands only dots to YNNPACK; reductions and elementwise ops stay with XLA's
+             own emitters) as ``TrainConfig.compiler_options``; shared bottom and MMoE joint
+             (T = 3 and 8), shared bottom with UPGrad.
 - ``chunk``: the fixed cost of one ``Trainer.run``: the stage mask rebuilt on the host and sent
              per call (as before) vs cached on the device, and 32,768 rows per call vs one
              epoch of the main job's ML-100K training split (73,728 rows, the benchmark's chunk).

@@ -64,7 +64,7 @@ from mtl.data.batching import Dataset, epoch_batches
 from mtl.losses import task_loss
 from mtl.models import MODELS, build_model
 from mtl.spec import FeatureSpec, TaskSpec
-from mtl.train import CPU_JOINT_OPTIONS, Stage, TrainConfig, Trainer
+from mtl.train import Stage, TrainConfig, Trainer
 
 # Model sizes, given explicitly so that the PyTorch twins match: the library defaults.
 SIZES: dict[str, dict[str, Any]] = {
@@ -82,8 +82,8 @@ TORCHJD_NAMES = {"upgrad": "UPGrad", "mgda": "MGDA", "pcgrad": "PCGrad"}
 # MGDA differs by design: ours solves the min-norm QP exactly, TorchJD runs Frank-Wolfe (eps 1e-3).
 AGG_KWARGS: dict[str, dict[str, Any]] = {"upgrad": {"reg_eps": 1e-4}}
 LR = 1e-3
-# TrainConfig.compiler_options of every setting of ours (--compiler-options); None: mtl's choice
-COMPILER_OPTIONS: dict[str, Any] | None = None
+# TrainConfig.compiler_options of every setting of ours (--compiler-options; {}: XLA's defaults)
+COMPILER_OPTIONS: dict[str, Any] = {}
 # rows per timed chunk: one epoch of the main job's ML-100K training split (100,000 ratings less
 # 20% test and 10% of the rest for validation = 72,000), rounded up to a multiple of 4096
 EPOCH_EXAMPLES = 73728
@@ -294,7 +294,7 @@ def ours(
         aggregator=aggregator,
         aggregator_kwargs=AGG_KWARGS.get(aggregator or "", {}),
         aggregate_on=aggregate_on,
-        compiler_options=None if COMPILER_OPTIONS is None else dict(COMPILER_OPTIONS),
+        compiler_options=dict(COMPILER_OPTIONS),
     )
     trainer = Trainer(model, config)
     state = trainer.init(model)
@@ -871,8 +871,7 @@ def environment(torch: Any, threads: int) -> dict[str, Any]:
         ),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-        "compiler_options": COMPILER_OPTIONS,
-        "tuned_cpu_joint_options": CPU_JOINT_OPTIONS,
+        "compiler_options": dict(COMPILER_OPTIONS),
         "loadavg_start": list(os.getloadavg()),
     }
 
@@ -909,9 +908,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--compiler-options",
         type=json.loads,
-        default=None,
-        help="XLA options for our steps as JSON (TrainConfig.compiler_options; default: mtl's "
-        "choice, see mtl.train.tuned_compiler_options; '{}': XLA's defaults)",
+        default={},
+        help="XLA options for our steps as JSON (TrainConfig.compiler_options), e.g. "
+        "mtl.train.CPU_JOINT_OPTIONS; default: XLA's defaults",
     )
     return p.parse_args(argv)
 
@@ -1171,14 +1170,8 @@ def report(doc: dict) -> str:
         "FLOP/s (XLA cost analysis / median step) over the faster of the two medians; best/best = "
         "fastest step over fastest matmul",
         f"- peak host memory (RSS) {env['peak_rss_mib']:.0f} MiB; run time {doc['seconds']:.0f} s",
-        "- XLA options of our steps: "
-        + (
-            f"{env['compiler_options'] or '{} (XLA defaults)'} (--compiler-options)"
-            if env.get("compiler_options") is not None
-            else "mtl's choice (CPU steps without per-task gradients: "
-            f"{env['tuned_cpu_joint_options']}; others: XLA defaults)"
-        )
-        + f"; XLA_FLAGS={env['XLA_FLAGS'] or '(unset)'}",
+        f"- XLA options of our steps: {env['compiler_options'] or 'none (XLA defaults)'}; "
+        f"XLA_FLAGS={env['XLA_FLAGS'] or '(unset)'}",
         "",
         "## Training steps (ML-100K-shaped input, T = 3)",
         "",

@@ -33,8 +33,6 @@ from typing import Any
 import benchmark as B  # experiments/benchmark.py: python puts the script's folder on sys.path
 import jax
 
-from mtl.train import tuned_compiler_options
-
 TRACE = {"xla_cpu_enable_xprof_traceme": True}
 _INSTR = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w-]+)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -103,8 +101,7 @@ def profile(
     untraced.compile()
     plain = untraced.warm_up()
     given = B.COMPILER_OPTIONS
-    base = given if given is not None else tuned_compiler_options("cpu", aggregator is not None)
-    B.COMPILER_OPTIONS = {**base, **TRACE}
+    B.COMPILER_OPTIONS = {**given, **TRACE}
     try:
         o = B.ours(model, data, batch, steps, **kw)
     finally:

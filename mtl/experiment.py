@@ -198,8 +198,7 @@ def train_run(
     batch_size, learning_rate, optimizer, weights, aggregator, aggregator_kwargs, aggregate_on,
     weighting, weighting_kwargs, order, probs, l1, l2, seed, nan_policy, log_every, save_every,
     early_stopping (a mapping of ``mtl.runner.EarlyStopping``'s fields; needs ``val``),
-    compiler_options (XLA options for the compiled step, ``TrainConfig.compiler_options``;
-    absent or None: mtl's choice).
+    compiler_options (XLA options for the compiled step, ``TrainConfig.compiler_options``).
     """
     from mtl import aggregation, weighting
     from mtl.spec import unknown
@@ -248,9 +247,7 @@ def train_run(
         weighting_kwargs=dict(spec.get("weighting_kwargs", {})),
         nan_policy=spec.get("nan_policy", "stop"),
         log_every=int(spec.get("log_every", 0)),
-        compiler_options=(
-            None if spec.get("compiler_options") is None else dict(spec["compiler_options"])
-        ),
+        compiler_options=dict(spec.get("compiler_options") or {}),
     )
     trainer = Trainer(model, cfg)
     record = {

@@ -109,9 +109,9 @@ class TrainConfig:
     weighting_kwargs: dict = dataclasses.field(default_factory=dict)
     nan_policy: str = "stop"
     log_every: int = 0  # gradient-analysis interval in steps (0: off)
-    # XLA options for the compiled step and predict (jax.jit's compiler_options): None = mtl's
-    # measured choice (tuned_compiler_options), {} = XLA's defaults, a dict = exactly those
-    compiler_options: dict | None = None
+    # XLA options for the compiled step and predict (jax.jit's compiler_options); {} = XLA's
+    # defaults. On CPU, CPU_JOINT_OPTIONS speeds up steps without per-task gradients.
+    compiler_options: dict = dataclasses.field(default_factory=dict)
 
 
 OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagrad": optax.adagrad}
@@ -119,7 +119,8 @@ OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagr
 
 # XLA:CPU: YNNPACK for dots only (reductions and elementwise ops stay with XLA's emitters). In
 # `experiments/ablate_step.py --only xla` this made steps without per-task gradients up to 8%
-# faster (MMoE, the shared bottom at batch 4096) and UPGrad steps 1-9% slower (docs/scaling.md).
+# faster (MMoE, the shared bottom at batch 4096) and UPGrad steps 1-9% slower (docs/scaling.md);
+# an option to pass, not a default: it is experimental in XLA and changes summation order.
 CPU_JOINT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
@@ -131,16 +132,6 @@ def _xla_refusal(options: tuple[tuple[str, Any], ...]) -> str | None:
     except Exception as e:  # noqa: BLE001 - XLA's own message says which option and why
         return str(e)
     return None
-
-
-def tuned_compiler_options(backend: str, per_task_grads: bool) -> dict:
-    """The XLA options mtl compiles a step with when ``TrainConfig.compiler_options`` is None:
-    ``CPU_JOINT_OPTIONS`` for a CPU step without per-task gradients (no aggregator, no weighting
-    that reads the Jacobian), if this jaxlib knows them; otherwise none."""
-    if backend != "cpu" or per_task_grads:
-        return {}
-    refused = _xla_refusal(tuple(CPU_JOINT_OPTIONS.items()))
-    return dict(CPU_JOINT_OPTIONS) if refused is None else {}
 
 
 def check_compiler_options(options: dict) -> dict | None:
@@ -223,9 +214,9 @@ class Trainer:
         # pass carries every task at once. With an aggregator each task decodes its own copy of
         # the shared part, and a weighting that reads the Jacobian backpropagates one task per
         # vmapped row: a fused layer would then carry every tower's gradient in every copy/row.
-        per_task = self.aggregator is not None or "jacobian" in self.weighting.needs
         fused = getattr(model, "fuse_towers", None)
         if fused is not None:
+            per_task = self.aggregator is not None or "jacobian" in self.weighting.needs
             model.fuse_towers = fused and not per_task
         self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         if fused is not None:
@@ -246,12 +237,8 @@ class Trainer:
             )
         self._template = (params, rest)
         self._masks: dict = {}  # stage_mask's cache
-        self.compiler_options = (
-            tuned_compiler_options(jax.default_backend(), per_task)
-            if c.compiler_options is None
-            else c.compiler_options
-        )
-        opts = check_compiler_options(self.compiler_options)
+        opts = check_compiler_options(c.compiler_options)
+        self.compiler_options = dict(c.compiler_options)
         self._epoch = jax.jit(
             self._epoch_fn,
             donate_argnums=(0,),
