@@ -140,7 +140,7 @@ def check_compiler_options(options: dict) -> dict | None:
     if not isinstance(options, dict):
         raise TypeError(
             f"compiler_options: {options!r} must be a dict of XLA option name -> value, e.g. "
-            '{"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}'
+            f"{CPU_JOINT_OPTIONS}"
         )
     for k, v in options.items():
         if not isinstance(k, str) or not isinstance(v, str | bool | int | float):
@@ -238,7 +238,7 @@ class Trainer:
         self._template = (params, rest)
         self._masks: dict = {}  # stage_mask's cache
         opts = check_compiler_options(c.compiler_options)
-        self.compiler_options = dict(c.compiler_options)
+        self.compiler_options = opts or {}
         self._epoch = jax.jit(
             self._epoch_fn,
             donate_argnums=(0,),
