@@ -253,19 +253,28 @@ def cagrad(jacobian_TxP: Array, c: float = 0.5, rescale: int = 1) -> Array:
 
 
 def imtl_g(jacobian_TxP: Array) -> Array:
-    """IMTL-G (Liu et al. 2021): d = Σ α_i g_i, Σ α = 1, with equal projections d·g_i/|g_i| ∀i."""
+    """IMTL-G (Liu et al. 2021): d = Σ α_i g_i, Σ α = 1, with equal projections d·g_i/|g_i| ∀i.
+
+    Solved for β_i = α_i |g_i| (d = Σ β_i u_i, u_i = g_i/|g_i|): the system then holds the cosines
+    u_i·u_j, not u_i·g_j, whose columns span the decades of the gradient norms and cost float32
+    digits (tests/test_aggregation.py draws norms over 3 decades).
+    """
     t = jacobian_TxP.shape[0]
     gram_TxT = _normalized_gram(jacobian_TxP)
+    dtype = gram_TxT.dtype
     n_T = jnp.sqrt(jnp.maximum(jnp.diag(gram_TxT), 0.0))
     act_T = n_T > 1e-10  # zero rows get α_i = 0 (no direction to be impartial to)
-    rows_TxT = jnp.where(act_T[:, None], gram_TxT / jnp.where(act_T, n_T, 1.0)[:, None], 0.0)
-    rows_TxT = jnp.where(act_T[:, None], rows_TxT, jnp.eye(t, dtype=gram_TxT.dtype))
-    a = act_T.astype(gram_TxT.dtype)
-    # [u_i·g_j]_ij α - s·1 = 0 on active rows, α_i = 0 on zero rows, Σ α = 1.
-    k = jnp.block([[rows_TxT, -a[:, None]], [jnp.ones((1, t), gram_TxT.dtype), jnp.zeros((1, 1))]])
-    rhs = jnp.zeros(t + 1, gram_TxT.dtype).at[t].set(1.0)
-    alpha_T = jnp.linalg.lstsq(k, rhs)[0][:t]
-    return _combine(jnp.where(act_T, alpha_T, 0.0), jacobian_TxP)
+    safe_T = jnp.where(act_T, n_T, 1.0)
+    both = act_T[:, None] & act_T[None, :]
+    cos_TxT = jnp.where(both, gram_TxT / safe_T[:, None] / safe_T[None, :], jnp.eye(t, dtype=dtype))
+    inv_T = jnp.where(act_T, 1.0 / safe_T, 0.0)
+    top = jnp.maximum(jnp.max(inv_T), 1e-30)  # the Σ α = 1 row, scaled to entries <= 1
+    # [u_i·u_j]_ij β - s·1 = 0 on active rows, β_i = 0 on zero rows, Σ β_i/(|g_i|·top) = 1/top.
+    a_T = act_T.astype(dtype)
+    k = jnp.block([[cos_TxT, -a_T[:, None]], [inv_T[None, :] / top, jnp.zeros((1, 1), dtype)]])
+    rhs = jnp.zeros(t + 1, dtype).at[t].set(1.0 / top)
+    beta_T = jnp.linalg.lstsq(k, rhs)[0][:t]
+    return _combine(jnp.where(act_T, beta_T / safe_T, 0.0), jacobian_TxP)
 
 
 def aligned_mtl(jacobian_TxP: Array) -> Array:

@@ -199,15 +199,18 @@ def test_cagrad_primal_dual_sandwich(t):
 
 
 def test_imtl_g_equal_projections():
+    # 70 draws, T = 2..8, norms over 3 decades. Solved in u_i·g_j rather than in the cosines,
+    # 18 of these draws missed 1e-4 in float32 (worst 7e-4); in the cosines the worst is 2e-5.
     rng = np.random.default_rng(9)
-    for t in (2, 3, 6):
-        j = _conflicting(rng, t)
-        j64 = j.astype(np.float64)
-        d = _run("imtl_g", j)
-        proj = j64 @ d / np.linalg.norm(j64, axis=1)
-        np.testing.assert_allclose(proj, proj.mean(), rtol=1e-4)
-        alpha = np.linalg.lstsq(j64.T, d, rcond=None)[0]
-        assert abs(alpha.sum() - 1) < 1e-4
+    for t in range(2, 9):
+        for _ in range(10):
+            j = _conflicting(rng, t)
+            j64 = j.astype(np.float64)
+            d = _run("imtl_g", j)
+            proj = j64 @ d / np.linalg.norm(j64, axis=1)
+            np.testing.assert_allclose(proj, proj.mean(), rtol=1e-4, err_msg=f"T = {t}")
+            alpha = np.linalg.lstsq(j64.T, d, rcond=None)[0]
+            assert abs(alpha.sum() - 1) < 1e-4
 
 
 def test_config_equal_cosines():
