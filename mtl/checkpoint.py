@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,14 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix}: checkpoint has {a!r}, this run has {b!r}"]
 
 
+def make_writable_dir(path: Path) -> None:
+    """Create ``path`` (with parents) and prove it writable with a probe file of this call's own,
+    so that runs starting together in one folder do not delete each other's probe (OSError if not)."""
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+        pass
+
+
 class Checkpointer:
     """Saves ``state`` (a pytree) plus JSON ``extra`` every call to ``save``; keeps the last K."""
 
@@ -42,10 +51,7 @@ class Checkpointer:
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep: {max_to_keep} must be >= 1")
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            probe = self.directory / ".write_test"
-            probe.write_text("")
-            probe.unlink()
+            make_writable_dir(self.directory)
         except OSError as e:
             raise ValueError(
                 f"checkpoint directory: cannot write to {str(self.directory)!r} ({e.strerror}); "

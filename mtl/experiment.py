@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from mtl import metrics as M
-from mtl.checkpoint import Checkpointer, CheckpointMismatch
+from mtl.checkpoint import Checkpointer, CheckpointMismatch, make_writable_dir
 from mtl.data.batching import Dataset
 from mtl.models import build_model
 from mtl.runner import Divergence, EarlyStopping, evaluate, examples_per_second, fit
@@ -34,9 +34,7 @@ class RunDir:
     def __init__(self, path: str | os.PathLike, config: Mapping | None = None):
         self.path = Path(path)
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / ".write_test").write_text("")
-            (self.path / ".write_test").unlink()
+            make_writable_dir(self.path)
         except OSError as e:
             raise ValueError(
                 f"workdir: cannot write to {str(self.path)!r} ({e.strerror}); pass --config.workdir=<a writable folder>"

@@ -307,3 +307,16 @@ def test_command_line_prints_one_line_and_exits_2(cli_results, name):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.fullmatch(pattern(expected), errors[0]), done.stderr
     assert done.stderr.strip().splitlines()[-1] == errors[0]
+
+
+def test_runs_starting_together_in_one_folder_pass_the_write_check(tmp_path):
+    # The write check of RunDir and Checkpointer probes the folder; runs that start at the same time
+    # in the same folder (a sweep's jobs, the command-line cases above) must not fail each other's.
+    def start(i):
+        RunDir(tmp_path / "run")
+        Checkpointer(tmp_path / "run" / "ck", {})
+        return i
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sorted(pool.map(start, range(400))) == list(range(400))
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name != "ck"]  # no probe left
