@@ -18,7 +18,8 @@
              (Adam reads and writes two dense moments per parameter), shared bottom, T = 3.
 - ``xla``:   XLA's default options (the trainer's default) vs ``train.CPU_JOINT_OPTIONS``
              (XLA:CPU hands only dots to YNNPACK; reductions and elementwise ops stay with XLA's
-             own emitters) as ``TrainConfig.compiler_options``; shared bottom and MMoE joint
+             own emitters) and vs ``xla_cpu_multi_thread_eigen=False`` (Eigen's dots on one
+             thread), each as ``TrainConfig.compiler_options``; shared bottom and MMoE joint
              (T = 3 and 8), shared bottom with UPGrad.
 - ``chunk``: the fixed cost of one ``Trainer.run``: the stage mask rebuilt on the host and sent
              per call (as before) vs cached on the device, and 32,768 rows per call vs one
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             xla = [
                 ("XLA defaults", xla_options({})),
                 ("YNNPACK for dots only", xla_options(train.CPU_JOINT_OPTIONS)),
+                ("Eigen on one thread", xla_options({"xla_cpu_multi_thread_eigen": False})),
             ]
             for t in (3, 8):
                 compare("XLA options, shared bottom", xla, b, t, a.repeats)
