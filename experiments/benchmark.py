@@ -1225,7 +1225,7 @@ def report(doc: dict) -> str:
             [
                 ("target", "target", 0),
                 ("goal", "goal", 0),
-                ("measured", "measured", 2),
+                ("measured", "measured", 3),  # 3 decimals: 1.301 reads as above a 1.3x goal
                 ("met", "met", 0),
             ],
         ),
