@@ -153,9 +153,13 @@ def _top_k(y_true, scores, k: int, mask, *, scores_name: str = "scores") -> Arra
                 f"max={v.max()}; pass integer labels, not one-hot or probabilities"
             )
     w = _weights(mask, y.shape)
-    true_score = jnp.take_along_axis(s_BxC, y.astype(jnp.int32)[..., None], axis=-1)
-    rank = jnp.sum(s_BxC > true_score, axis=-1)  # classes strictly better than the true one
-    return _div(jnp.sum(w * (rank < k)), jnp.sum(w))
+    y_int = y.astype(jnp.int32)[..., None]
+    true_score = jnp.take_along_axis(s_BxC, y_int, axis=-1)
+    # The true class's rank with ties broken by class index (a lower index ranks first), as
+    # argmax does: equal scores for every class are no longer a hit for every row.
+    earlier = jnp.arange(n_classes) < y_int
+    ahead = (s_BxC > true_score) | ((s_BxC == true_score) & earlier)
+    return _div(jnp.sum(w * (jnp.sum(ahead, axis=-1) < k)), jnp.sum(w))
 
 
 # ----------------------------------------------------------------------------- binary
@@ -214,7 +218,11 @@ def mae(y_true, y_pred, *, mask=None) -> Array:
 
 
 def top_k_accuracy(y_true, scores, k: int = 1, *, mask=None) -> Array:
-    """mean[#{c : s_c > s_y} < k]: true class in the top k (ties favour it); 0.0 if all masked."""
+    """Share of rows whose true class is among the k highest scores; 0.0 if all masked.
+
+    Ties are broken by class index, a lower index first (as ``argmax`` does for k = 1): the rank
+    of the true class y is #{c : s_c > s_y} + #{c < y : s_c = s_y}.
+    """
     return _top_k(y_true, scores, k, mask)
 
 
@@ -260,7 +268,9 @@ def task_metrics(kind: str, y_true, pred, mask=None) -> dict[str, Array]:
         if jnp.shape(pred)[-1] >= 5:
             out["top5_accuracy"] = _top_k(y_true, pred, 5, mask, scores_name="pred")
         return out
-    # binary / multilabel: sigmoid, then metrics micro-averaged over labels.
+    # binary / multilabel: sigmoid, then metrics micro-averaged over labels. AUC ranks the logits
+    # (the same order as the sigmoid's): in float32 the sigmoid is exactly 1.0 for logits above
+    # ~17, which would tie confident predictions that the logits still tell apart.
     t, logit, w = _prep(y_true, pred, mask, pred_name="pred", probs=False)
     p = jax.nn.sigmoid(logit)
     tp, fp, fn, tn = _counts(t, p, w, 0.5)
@@ -269,7 +279,7 @@ def task_metrics(kind: str, y_true, pred, mask=None) -> dict[str, Array]:
         "precision": _div(tp, tp + fp),
         "recall": _div(tp, tp + fn),
         "f1": _f1(tp, fp, fn),
-        "auc": _auc(t, p, w),
+        "auc": _auc(t, logit, w),
     }
     if kind == "binary":
         out["log_loss"] = _log_loss(t, p, w)

@@ -64,6 +64,11 @@ class TaskSpec:
             )
         if self.kind == "multiclass" and self.size < 2:
             raise ValueError(f"task {self.name!r} size: multiclass needs size >= 2, got 1")
+        if self.kind == "multilabel" and self.size < 2:
+            raise ValueError(
+                f"task {self.name!r} size: multilabel needs size >= 2, got 1; "
+                f"for one label use kind='binary'"
+            )
         if not float(self.weight) >= 0.0:
             raise ValueError(f"task {self.name!r} weight: {self.weight} must be >= 0")
 

@@ -136,6 +136,9 @@ CASES = [
      "or mixture model, or aggregator=None"),
     ("multiclass of one class", "task 'g' size", lambda c: TaskSpec("g", "multiclass", size=1),
      ValueError, "task 'g' size: multiclass needs size >= 2, got 1"),
+    ("multilabel of one label", "task 'g' size", lambda c: TaskSpec("g", "multilabel", size=1),
+     ValueError, "task 'g' size: multilabel needs size >= 2, got 1; for one label use "
+     "kind='binary'"),
     ("duplicate tasks", "tasks", lambda c: Dataset(F, L, FS, (TS[0], TS[0], TS[2])), ValueError,
      "tasks: duplicate task names in ('click', 'click', 'rating'); give each task its own name"),
     # --- wrong dtypes, shapes, values

@@ -163,9 +163,20 @@ def test_top_k_accuracy_matches_argsort(k):
     np.testing.assert_allclose(float(got), hit[mask > 0].mean(), rtol=1e-6)
 
 
-def test_top_k_ties_favour_true_class():
-    s = np.array([[0.5, 0.5, 0.0], [0.2, 0.7, 0.1]])
-    assert float(M.top_k_accuracy(np.array([1, 0]), s, k=1)) == 0.5  # row 0 tied -> hit
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_top_k_ties_broken_by_class_index(k):
+    # integer scores from {0, 1, 2} over 7 classes: nearly every row has ties at the true class
+    rng = np.random.default_rng(4)
+    s = rng.integers(0, 3, size=(200, 7)).astype(np.float32)
+    s[:10] = 0.0  # rows where every class ties: a hit only when y < k
+    y = rng.integers(0, 7, 200)
+    top = np.argsort(-s, axis=1, kind="stable")[:, :k]  # stable: a lower index first on ties
+    hit = np.array([y[i] in top[i] for i in range(200)])
+    assert 0.0 < hit.mean() < 1.0
+    np.testing.assert_allclose(float(M.top_k_accuracy(y, s, k=k)), hit.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(M.top_k_accuracy(y[:10], s[:10], k=k)), np.mean(y[:10] < k))
+    if k == 1:  # the same as argmax, which returns the first of tied maxima
+        np.testing.assert_allclose(float(M.top_k_accuracy(y, s)), np.mean(s.argmax(1) == y))
 
 
 # ----------------------------------------------------------------------------- multilabel
@@ -223,6 +234,22 @@ def test_task_metrics_binary_from_logits(data):
     assert set(got) == {"accuracy", "precision", "recall", "f1", "auc", "log_loss"}
     for name, value in expect.items():
         np.testing.assert_allclose(float(got[name]), value, rtol=1e-5, err_msg=name)
+
+
+def test_task_metrics_auc_ranks_confident_logits():
+    # logits above ~17 all give sigmoid == 1.0 in float32; their order still decides the AUC
+    rng = np.random.default_rng(7)
+    y = (rng.random(300) < 0.4).astype(np.float32)
+    logits = (rng.uniform(18.0, 40.0, 300) + 3.0 * y).astype(np.float32)
+    assert np.all(sigmoid(logits.astype(np.float32)) == 1.0)
+    expect = ref_auc(y, logits.astype(np.float64))
+    assert expect > 0.6
+    for kind, labels, z in (
+        ("binary", y, logits),
+        ("multilabel", y[:, None].repeat(2, 1), logits[:, None].repeat(2, 1)),
+    ):
+        got = M.task_metrics(kind, labels, z)
+        np.testing.assert_allclose(float(got["auc"]), expect, rtol=1e-6, err_msg=kind)
 
 
 def test_task_metrics_other_kinds(multilabel):
