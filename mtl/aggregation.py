@@ -32,6 +32,7 @@ PyTree = Any
 
 _HI = lax.Precision.HIGHEST
 _EPS = 1e-8  # the 1e-8 guards of the reference implementations, in normalised Gram units
+_MAX_TARGET = 1.0 - 1e-4  # GradVac: the highest cosine target a lift aims at
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,6 +369,10 @@ def gradvac(
         rho_T = jnp.sum(cg_TxT * sel_TxT, axis=1) / (pc_norm_T * gj_norm_T + _EPS)
         rho_T = jnp.clip(rho_T, -1.0, 1.0)
         phi_T = jnp.sum(target_TxT * sel_TxT, axis=1)
+        # The lift grows like 1/√(1-φ̂²): once the EMA reaches 1 (tasks with equal gradients for a
+        # while) it would divide by ~0, so the lift aims at φ̂ clamped to at most 1 - 1e-4 (the
+        # stored EMA stays unclamped). LibMTL and TorchJD divide as is.
+        phi_T = jnp.minimum(phi_T, _MAX_TARGET)
         root_T = jnp.sqrt(jnp.maximum(1.0 - phi_T**2, 0.0))
         w_T = (
             pc_norm_T
@@ -375,7 +380,7 @@ def gradvac(
             / (gj_norm_T * root_T + _EPS)
         )
         coef_TxT = coef_TxT + jnp.where(rho_T < phi_T, w_T, 0.0)[:, None] * sel_TxT
-        new_T = (1.0 - beta) * phi_T + beta * rho_T
+        new_T = (1.0 - beta) * jnp.sum(target_TxT * sel_TxT, axis=1) + beta * rho_T
         target_TxT = jnp.where(sel_TxT > 0, new_T[:, None], target_TxT)
     return _combine(jnp.sum(coef_TxT, axis=0), jacobian_TxP), target_TxT
 
@@ -398,11 +403,25 @@ def config(jacobian_TxP: Array) -> Array:
 # registry
 
 
+def _same_state(state: PyTree, rows: Array) -> PyTree:
+    return state
+
+
+def _sub_state(state: PyTree, sub: PyTree, rows: Array) -> PyTree:
+    return sub
+
+
 class Aggregator(NamedTuple):
-    """A uniform (stateful) interface: ``vector_P, state = apply(jacobian_TxP, state, key)``."""
+    """A uniform (stateful) interface: ``vector_P, state = apply(jacobian_TxP, state, key)``.
+
+    ``restrict(state, rows)`` is the state for the sub-Jacobian ``J[rows]`` (the tasks that train
+    in a step) and ``expand(state, sub_state, rows)`` writes its update back into the full state.
+    """
 
     init: Callable[[int, int], PyTree]
     apply: Callable[[Array, PyTree, Array], tuple[Array, PyTree]]
+    restrict: Callable[[PyTree, Array], PyTree] = _same_state
+    expand: Callable[[PyTree, PyTree, Array], PyTree] = _sub_state
 
 
 _FUNCS: dict[str, Callable[..., Any]] = {
@@ -455,6 +474,8 @@ def get_aggregator(name: str, **hparams: Any) -> Aggregator:
         return Aggregator(
             init=lambda t, p: jnp.zeros((t, t), jnp.float32),
             apply=lambda jac, state, key: fn(jac, state, key),
+            restrict=lambda state, rows: state[rows[:, None], rows[None, :]],
+            expand=lambda state, sub, rows: state.at[rows[:, None], rows[None, :]].set(sub),
         )
     if "key" in params:
         return Aggregator(init=lambda t, p: (), apply=lambda jac, state, key: (fn(jac, key), state))

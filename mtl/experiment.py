@@ -23,6 +23,7 @@ from mtl.checkpoint import Checkpointer, CheckpointMismatch, make_writable_dir
 from mtl.data.batching import Dataset
 from mtl.models import build_model
 from mtl.runner import Divergence, EarlyStopping, evaluate, examples_per_second, fit
+from mtl.spec import integer
 from mtl.train import TrainConfig, Trainer, make_schedule
 
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, CheckpointMismatch, Divergence)
@@ -203,13 +204,20 @@ def train_run(
 
     spec = dict(spec)
     stop = stop if stop is not None else _STOP
-    seed = int(spec.get("seed", 0))
-    # fail fast, before the model is built: schedule, batch size and method names
-    stages = make_schedule(
-        spec.get("schedule", "joint"), int(spec.get("epochs", 1)), spec.get("stages")
+    # fail fast, before the model is built: integers, schedule, stages and method names (the
+    # stages' tasks and trainable parameters are checked by fit, before the first step)
+    seed = integer("seed", spec.get("seed", 0))
+    batch_size = integer("batch_size", spec.get("batch_size"), 1)
+    epochs = integer("epochs", spec.get("epochs", 1))  # its range: 'stage epochs' (Stage)
+    eval_every = integer(
+        "eval_every", spec.get("eval_every", 1), 1, "; pass 1 to evaluate after every epoch"
     )
-    if int(spec["batch_size"]) < 1:
-        raise ValueError(f"batch_size: {spec['batch_size']} must be >= 1")
+    save_every = integer(
+        "save_every", spec.get("save_every", 0), 0, "; pass 0 to save at epoch ends only"
+    )
+    log_every = integer("log_every", spec.get("log_every", 0), 0, " (0 turns logging off)")
+    keep = integer("keep", spec.get("keep", 2), 1, "; it is the number of checkpoints to keep")
+    stages = make_schedule(spec.get("schedule", "joint"), epochs, spec.get("stages"))
     if spec.get("aggregator") not in (None, *aggregation.AGGREGATORS):
         raise unknown("aggregator", spec["aggregator"], aggregation.AGGREGATORS)
     if spec.get("weighting", "fixed") not in weighting.WEIGHTINGS:
@@ -244,7 +252,7 @@ def train_run(
         weighting=spec.get("weighting", "fixed"),
         weighting_kwargs=dict(spec.get("weighting_kwargs", {})),
         nan_policy=spec.get("nan_policy", "stop"),
-        log_every=int(spec.get("log_every", 0)),
+        log_every=log_every,
         compiler_options=dict(spec.get("compiler_options") or {}),
     )
     trainer = Trainer(model, cfg)
@@ -260,10 +268,10 @@ def train_run(
     if rundir is not None:
         fp = trainer.fingerprint() | {
             "data_seed": seed,
-            "batch_size": int(spec["batch_size"]),
+            "batch_size": batch_size,
             "train_rows": len(train),
         }
-        ckpt = Checkpointer(rundir.checkpoint_dir(name), fp, max_to_keep=int(spec.get("keep", 2)))
+        ckpt = Checkpointer(rundir.checkpoint_dir(name), fp, max_to_keep=keep)
 
     def on_epoch(rec: dict) -> None:
         if rundir is not None:
@@ -276,12 +284,12 @@ def train_run(
             trainer.init(model, seed=seed),
             train,
             stages,
-            batch_size=int(spec["batch_size"]),
+            batch_size=batch_size,
             data_seed=seed,
             eval_data=val,
-            eval_every=int(spec.get("eval_every", 1)),
+            eval_every=eval_every,
             checkpointer=ckpt,
-            save_every=int(spec.get("save_every", 0)),
+            save_every=save_every,
             on_epoch=on_epoch,
             should_stop=stop,
             progress=progress,

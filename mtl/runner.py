@@ -17,14 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl import metrics as M
-from mtl import parallel
+from mtl import parallel, partition
 from mtl.checkpoint import Checkpointer
 from mtl.data.batching import Dataset, epoch_batches, eval_batches, num_batches
+from mtl.spec import integer
 from mtl.train import Stage, Trainer, TrainState
 
 
 class Divergence(FloatingPointError):
-    """A non-finite loss or gradient stopped the run (nan_policy='stop')."""
+    """A non-finite loss, gradient (nan_policy="stop") or update stopped the run."""
 
 
 @dataclasses.dataclass
@@ -118,10 +119,50 @@ class EarlyStopping:
         return best_epoch, best, since
 
 
+EVAL_BATCH_SIZE = 4096  # evaluate's default, rounded up to a multiple of a mesh's devices
+
+
+def check_stages(trainer: Trainer, params, stages: Sequence[Stage]) -> None:
+    """Every stage, before any trains: a Stage with an integer epochs, known tasks and trainable
+    selectors that match parameters of ``params``; errors name ``stages[i]``."""
+    if isinstance(stages, Stage) or not isinstance(stages, Sequence) or not stages:
+        raise ValueError(
+            f"stages: {stages!r} must be a non-empty sequence of Stage; "
+            "build it with mtl.train.make_schedule"
+        )
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, Stage):
+            raise ValueError(
+                f"stages[{i}]: {stage!r} is not a Stage; build the schedule with "
+                "mtl.train.make_schedule (it turns dicts of Stage fields into Stages)"
+            )
+        integer(f"stages[{i}].epochs", stage.epochs, 1)
+        try:
+            trainer.task_ids(stage)
+        except ValueError as e:
+            raise ValueError(f"stages[{i}].{str(e).removeprefix('stage ')}") from e
+        try:
+            partition.selector_mask(params, stage.trainable)
+        except ValueError as e:
+            raise ValueError(f"stages[{i}].{e}") from e
+
+
 def evaluate(
-    trainer: Trainer, state: TrainState, data: Dataset, batch_size: int = 4096, mesh=None
+    trainer: Trainer,
+    state: TrainState,
+    data: Dataset,
+    batch_size: int | None = None,
+    mesh=None,
 ) -> dict:
-    """{task: {metric: value}} on ``data`` (padding rows excluded; retrieval tasks skipped)."""
+    """{task: {metric: value}} on ``data`` (padding rows excluded; retrieval tasks skipped).
+
+    ``batch_size`` defaults to EVAL_BATCH_SIZE, rounded up to a multiple of ``mesh``'s devices
+    so that any mesh can evaluate; a batch size that is passed must divide by them.
+    """
+    if batch_size is None:
+        n = 1 if mesh is None else mesh.shape[parallel.DATA]
+        batch_size = -(-EVAL_BATCH_SIZE // n) * n
+    batch_size = integer("batch_size", batch_size, 1)
     batches = eval_batches(data, batch_size)
     if mesh is not None:
         parallel.check_batch_size(batch_size, mesh)
@@ -182,6 +223,37 @@ def _grad_culprits(trainer: Trainer, state: TrainState, batch: dict, w_T: np.nda
 
     ok = np.asarray(jax.jit(finite_T)(state.params, state.rest, batch, jnp.asarray(w_T)))
     return [n for n, f in zip(trainer.names, ok, strict=True) if not f]
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
+def _state_finite(state: TrainState) -> bool:
+    """Whether the parameters and optimizer state hold finite values only. The step checks its
+    losses and gradients; an update can still make the state non-finite from finite ones (a NaN
+    learning rate, Adam with eps=0 on a zero gradient), so fit checks once per chunk."""
+    leaves = jax.tree.leaves((state.params, state.opt_state))
+    return bool(_all_finite([x for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]))
+
+
+def _bad_update(m: dict, e: int, offset: int, ckpt: Checkpointer | None) -> Divergence:
+    ok = np.asarray(m["finite"], bool)
+    steps = np.asarray(m["step"])
+    # the culprit precedes the first non-finite step (its loss read the poisoned parameters)
+    at = f"by step {int(steps[np.argmin(ok)]) - 1}" if not ok.all() else "within the chunk"
+    last = (
+        f"; last good checkpoint: step {ckpt.steps()[-1]} in {ckpt.directory}"
+        if ckpt and ckpt.steps()
+        else ""
+    )
+    return Divergence(
+        f"non-finite parameters or optimizer state after an update {at} (epoch {e}, batches "
+        f"{offset}–{offset + len(ok) - 1}) whose losses and gradients were finite: the optimizer "
+        f"made them (a NaN or infinite learning rate, Adam with eps=0, an overflow){last}; check "
+        "the optimizer's settings or lower the learning rate"
+    )
 
 
 def _divergence(
@@ -253,15 +325,33 @@ def fit(
     KeyboardInterrupt is raised. ``mesh`` (mtl.parallel.make_mesh) shards every batch over its
     'data' axis and replicates the state: data-parallel training with the same results.
     ``early_stopping`` ends training once ``eval_data``'s score stops improving (EarlyStopping).
+    Everything is validated before the first step: the integers and every stage (tasks,
+    trainable), so a bad later stage fails at once rather than after the earlier ones trained.
     """
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size: {batch_size} must be >= 1")
+    batch_size = integer("batch_size", batch_size, 1)
+    eval_every = integer(
+        "eval_every",
+        eval_every,
+        1,
+        "; pass 1 to evaluate after every epoch, N for every N-th "
+        "(the last epoch is always evaluated)",
+    )
+    save_every = integer(
+        "save_every",
+        save_every,
+        0,
+        "; pass 0 to save at epoch ends only, or N to also save every N steps",
+    )
+    integer("data_seed", data_seed)
     if len(train) == 0:
         raise ValueError("train: the training split is empty; check the split and the data")
     if early_stopping is not None and eval_data is None:
         raise ValueError(
             "early_stopping: needs eval_data (the validation split it monitors); pass eval_data"
         )
+    check_stages(trainer, state.params, stages)
+    if mesh is not None:
+        parallel.check_batch_size(batch_size, mesh)
     S = num_batches(len(train), batch_size)
     history: list[dict] = []
     partial: list[dict] = []  # summaries of the chunks already run in the current epoch
@@ -272,7 +362,6 @@ def fit(
             history, partial = list(extra.get("history", [])), list(extra.get("partial", []))
     train = train.to_device()
     if mesh is not None:
-        parallel.check_batch_size(batch_size, mesh)
         state = parallel.replicate(state, mesh)
     epochs = plan(stages)
     data_key = jax.random.key(data_seed)
@@ -312,6 +401,8 @@ def fit(
             )
             state, m = trainer.run(state, part, stage, start=offset)
             m = jax.device_get(m)
+            if not _state_finite(state):  # before any save: a checkpoint is never poisoned
+                raise _bad_update(m, e, offset, checkpointer)
             if not np.all(m["finite"]):
                 if trainer.config.nan_policy == "stop":
                     raise _divergence(trainer, m, e, offset, checkpointer, state, part)
@@ -390,11 +481,14 @@ def examples_per_second(history: Sequence[dict], n: int) -> float:
 
 
 __all__ = [
+    "EVAL_BATCH_SIZE",
     "Divergence",
     "EarlyStopping",
     "FitResult",
+    "check_stages",
     "evaluate",
     "examples_per_second",
     "fit",
+    "integer",
     "plan",
 ]

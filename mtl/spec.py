@@ -21,6 +21,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
 
 TASK_KINDS = ("binary", "regression", "multiclass", "multilabel", "retrieval")
 FEATURE_KINDS = ("dense", "categorical", "multihot")
@@ -123,3 +126,21 @@ def resolve_weights(
             raise ValueError(f"weights[{t.name!r}]: {w} must be >= 0")
         out.append(w)
     return tuple(out)
+
+
+def integer(field: str, value: Any, minimum: int | None = None, hint: str = "") -> int:
+    """``value`` as an int, or a ValueError naming ``field``: a bool, a float (even 32.0), a
+    string or anything else that is not an integer is refused, never truncated; with ``minimum``
+    the value must also be >= it (``hint`` follows that message: what the field means)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        what = "a bool" if isinstance(value, bool) else type(value).__name__
+        fix = f"a whole number{'' if minimum is None else f' >= {minimum}'}"
+        if isinstance(value, float | np.floating) and np.isfinite(value):
+            lo, hi = int(np.floor(value)), int(np.ceil(value))
+            if minimum is not None:
+                lo, hi = max(lo, minimum), max(hi, minimum)
+            what, fix = "a float (it is not truncated)", f"{lo}" if lo == hi else f"{lo} or {hi}"
+        raise ValueError(f"{field}: {value!r} must be an integer, not {what}; pass {fix}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{field}: {value!r} must be >= {minimum}{hint}")
+    return int(value)

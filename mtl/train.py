@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -30,7 +30,7 @@ from jax.flatten_util import ravel_pytree
 
 from mtl import partition
 from mtl.losses import l2_to_mean, task_loss
-from mtl.spec import TaskSpec, resolve_weights, unknown
+from mtl.spec import TaskSpec, closest, integer, resolve_weights, unknown
 
 Array = jax.Array
 SCHEDULES = ("joint", "alternating", "staged")
@@ -49,7 +49,7 @@ class Stage:
     alternating: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 1:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"stage epochs: {self.epochs!r} must be an integer >= 1")
         as_tuple = lambda v: (v,) if isinstance(v, str) else tuple(v)
         object.__setattr__(self, "trainable", as_tuple(self.trainable))
@@ -71,10 +71,34 @@ def make_schedule(
     if kind == "staged":
         if not stages:
             raise ValueError("stages: a staged schedule needs at least one stage")
-        return tuple(s if isinstance(s, Stage) else Stage(**s) for s in stages)
+        if isinstance(stages, str | Mapping | Stage) or not isinstance(stages, Sequence):
+            raise ValueError(
+                f"stages: {stages!r} must be a list of stages (mappings of Stage fields), "
+                "e.g. [{'epochs': 2}, {'epochs': 1, 'trainable': ('towers', 'heads')}]"
+            )
+        return tuple(_stage(i, s) for i, s in enumerate(stages))
     if stages:
         raise ValueError(f"stages: only the 'staged' schedule takes stages, not {kind!r}")
     return (Stage(epochs, alternating=kind == "alternating"),)
+
+
+def _stage(i: int, s: Stage | Mapping) -> Stage:
+    """``stages[i]`` as a Stage, or a ValueError naming it: an unknown field (with the closest
+    valid names), no ``epochs``, an ``epochs`` that is not an integer, or not a mapping."""
+    if isinstance(s, Stage):
+        return s
+    fields = [f.name for f in dataclasses.fields(Stage)]
+    if not isinstance(s, Mapping):
+        raise ValueError(
+            f"stages[{i}]: {s!r} is not a mapping of Stage fields; "
+            f"write it as {{'epochs': ..., ...}} with fields {fields}"
+        )
+    for k in s:
+        if k not in fields:
+            raise ValueError(f"stages[{i}]: unknown field {k!r}; {closest(str(k), fields)}")
+    if "epochs" not in s:
+        raise ValueError(f"stages[{i}]: no 'epochs'; give every stage its number of epochs")
+    return Stage(**{**s, "epochs": integer(f"stages[{i}].epochs", s["epochs"])})
 
 
 class TrainState(NamedTuple):
@@ -182,6 +206,16 @@ class Trainer:
             if not getattr(c, field) >= 0:
                 raise ValueError(f"{field}: {getattr(c, field)} must be >= 0")
         self.probs_T = None
+        if c.probs is not None and c.order != "sampled":
+            raise ValueError(
+                f"probs: {c.probs} apply only to order='sampled' (order is {c.order!r}); set "
+                "order='sampled' or drop probs"
+            )
+        if c.aggregator_kwargs and c.aggregator is None:
+            raise ValueError(
+                f"aggregator_kwargs: {c.aggregator_kwargs} without an aggregator would be ignored; "
+                "set aggregator= or drop aggregator_kwargs"
+            )
         if c.probs is not None:
             extra = sorted(set(c.probs) - set(self.names))
             if extra:
@@ -353,16 +387,28 @@ class Trainer:
         return jax.tree.unflatten(treedef, out)
 
     # ------------------------------------------------------------------ step
-    def _grads(self, state: TrainState, batch, key, active_T):
+    def _aggregate(self, J_TxP, agg_state, key, rows):
+        """The aggregator on the rows of the tasks that train in this step (``rows``: their
+        indices; None: all), its state restricted to them and written back: a task outside the
+        stage, or not picked by an alternating step, is not a zero row (MGDA would return 0,
+        the mean would divide by T)."""
+        if rows is None:
+            return self.aggregator.apply(J_TxP, agg_state, key)
+        sub = self.aggregator.restrict(agg_state, rows)
+        v_P, sub = self.aggregator.apply(jnp.take(J_TxP, rows, axis=0), sub, key)
+        return v_P, self.aggregator.expand(agg_state, sub, rows)
+
+    def _grads(self, state: TrainState, batch, key, active_T, rows=None):
         """(losses_T, λ_T, grads, jacobian_TxP or None, new aggregator state).
 
         λ_T = weighting(losses) · active_T: tasks outside the stage, or not picked by an
-        alternating step, contribute nothing. With an aggregator, task i's loss reads its own copy
-        of the shared parameters (or of the representation): the copies are the same arrays, so
-        XLA computes the forward once (CSE) and drops what loss i does not read (DCE), and one VJP
-        with cotangent λ gives every row λ_i ∇L_i while each tower is differentiated once — not T
-        backward passes of the whole model. Weightings that read the raw Jacobian get a vmapped
-        VJP over the rows of I.
+        alternating step, contribute nothing; the aggregator sees only the ``rows`` that train.
+        With an aggregator, task i's loss reads its own copy of the shared parameters (or of the
+        representation): the copies are the same arrays, so XLA computes the forward once (CSE)
+        and drops what loss i does not read (DCE), and one VJP with cotangent λ gives every row
+        λ_i ∇L_i while each tower is differentiated once — not T backward passes of the whole
+        model. Weightings that read the Jacobian (GradNorm) get the raw rows ∇L_i: a vmapped VJP
+        over the rows of I, or with an aggregator one more VJP with cotangent 1.
         """
         c, T = self.config, len(self.tasks)
         k_drop, k_w, k_agg = jax.random.split(key, 3)
@@ -386,14 +432,15 @@ class Trainer:
             losses_T, dec_vjp, aux = jax.vjp(dec_fn, state.params, (rep,) * T, has_aux=True)
             w_T = weights(losses_T)
             g_dec, Jr = dec_vjp(w_T)
-            Jr_TxR = jnp.stack([ravel_pytree(r)[0] for r in Jr])
+            stack = lambda reps: jnp.stack([ravel_pytree(r)[0] for r in reps])
             unravel = ravel_pytree(rep)[1]
-            v_R, agg_state = self.aggregator.apply(Jr_TxR, state.aggregator, k_agg)
+            v_R, agg_state = self._aggregate(stack(Jr), state.aggregator, k_agg, rows)
             (g_enc,) = enc_vjp(unravel(v_R))
             grads = jax.tree.map(jnp.add, g_dec, g_enc)
             J = None
             if needs_J:
-                J = self._shared_rows(jax.vmap(lambda ct: enc_vjp(unravel(ct))[0])(Jr_TxR))
+                raw_TxR = stack(dec_vjp(jnp.ones_like(w_T))[1])
+                J = self._shared_rows(jax.vmap(lambda ct: enc_vjp(unravel(ct))[0])(raw_TxR))
             return losses_T, w_T, grads, J, agg_state
 
         if self.aggregator is None:
@@ -425,10 +472,14 @@ class Trainer:
 
         losses_T, vjp, aux = jax.vjp(losses_fn, (shared,) * T, own, has_aux=True)
         w_T = weights(losses_T)
-        rows, g_own = vjp(w_T)
-        J = jnp.stack([jnp.concatenate([g.reshape(-1) for g in row]) for row in rows])
-        v_P, agg_state = self.aggregator.apply(J, state.aggregator, k_agg)
+        copies, g_own = vjp(w_T)
+        stack = lambda copies: jnp.stack(
+            [jnp.concatenate([g.reshape(-1) for g in row]) for row in copies]
+        )
+        J = stack(copies)
+        v_P, agg_state = self._aggregate(J, state.aggregator, k_agg, rows)
         grads = self._unflatten_shared(v_P, params_of(shared, g_own))
+        J = stack(vjp(jnp.ones_like(w_T))[0]) if needs_J else None
         return losses_T, w_T, grads, J, agg_state
 
     def _step_fn(self, state: TrainState, batch, trainable, task_ids, alternating: bool):
@@ -461,14 +512,19 @@ class Trainer:
                     mask, partition.tasks_mask(state.params, self.names, ids)
                 )
 
-        losses_T, w_T, grads, J, agg_state = self._grads(state, batch, k_grad, active_T)
+        # the aggregator's rows: the task picked by an alternating step, or the stage's tasks
+        rows = t[None] if alternating else jnp.asarray(ids) if len(ids) < T else None
+        losses_T, w_T, grads, J, agg_state = self._grads(state, batch, k_grad, active_T, rows)
         loss = jnp.dot(w_T, losses_T)
         if c.l1 > 0 or c.l2 > 0 or (self.penalty_lam > 0 and "columns" in state.params):
             pen, pen_grads = jax.value_and_grad(self._penalty)(state.params)
             grads = jax.tree.map(jnp.add, grads, pen_grads)
             loss = loss + pen
 
-        # one fused reduction over all leaves: a check per leaf cost ~30% of the compile time
+        # One fused reduction over all leaves: a check per leaf cost ~30% of the compile time.
+        # Checking the new parameters as well (an update that is non-finite from finite
+        # gradients, e.g. a NaN learning rate) cost +15% per step at batch 256, so the runner
+        # checks the state once per chunk instead (runner.fit, before it saves).
         flat = jnp.concatenate([g.reshape(-1) for g in jax.tree.leaves(grads)])
         grads_finite = jnp.isfinite(flat).all()
         finite = jnp.isfinite(losses_T).all() & grads_finite

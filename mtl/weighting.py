@@ -240,9 +240,14 @@ def get_weighting(name: str, num_tasks: int, **hparams: Any) -> Weighting:
         if k not in valid:
             hint = closest(k, valid) if valid else f"{name!r} takes no hyper-parameters"
             raise ValueError(f"weighting {name!r}: unknown hyper-parameter {k!r}; {hint}")
-    for k in ("lr", "temperature", "gamma", "alpha"):
+    for k in ("lr", "gamma", "alpha"):
         if k in hparams and not hparams[k] >= 0:
             raise ValueError(f"weighting {name!r} {k}: {hparams[k]} must be >= 0")
+    if "temperature" in hparams and not hparams["temperature"] > 0:  # the weights divide by it
+        raise ValueError(
+            f"weighting {name!r} temperature: {hparams['temperature']} must be > 0; "
+            f"a small value such as 0.1 makes the weights nearly one-hot"
+        )
     if name == "dwa" and int(hparams.get("period", 1)) < 1:
         raise ValueError(f"weighting 'dwa' period: {hparams['period']} must be >= 1")
     return fn(int(num_tasks), **hparams)

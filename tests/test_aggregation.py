@@ -304,6 +304,26 @@ def test_gradvac_reaches_target_cosine():
     np.testing.assert_allclose(np.asarray(new)[off], 0.75 * phi + 0.25 * rho, atol=1e-6)
 
 
+def test_gradvac_target_of_one_lifts_to_the_clamped_target():
+    # An EMA target of exactly 1 (tasks with equal gradients for a while) would need an infinite
+    # lift; the lift aims at 1 - 1e-4 instead and the stored EMA is left unclamped.
+    rng = np.random.default_rng(20)
+    g1 = rng.normal(size=P)
+    g2 = g1 + 0.05 * rng.normal(size=P)  # nearly parallel: ρ ≈ 0.999 < 1 - 1e-4
+    j = np.stack([g1, g2])
+    cos = lambda x, y: x @ y / np.linalg.norm(x) / np.linalg.norm(y)
+    rho = cos(g1, g2)
+    assert rho < 1 - 1e-4
+    d, new = agg.gradvac(jnp.asarray(j, jnp.float32), jnp.ones((2, 2), jnp.float32), KEY, beta=0.5)
+    d = np.asarray(d, np.float64)
+    assert np.all(np.isfinite(d)) and np.linalg.norm(d) < 100 * np.linalg.norm(g1 + g2)
+    a, b = np.linalg.lstsq(j.T, d, rcond=None)[0]  # d = a g1 + b g2
+    g1v, g2v = g1 + (b - 1) * g2, g2 + (a - 1) * g1
+    np.testing.assert_allclose([cos(g1v, g2), cos(g2v, g1)], [1 - 1e-4] * 2, atol=2e-5)
+    off = ~np.eye(2, dtype=bool)
+    np.testing.assert_allclose(np.asarray(new)[off], 0.5 + 0.5 * rho, atol=1e-5)
+
+
 def test_gradvac_zero_target_is_pcgrad():
     # φ̂ = 0 turns the vaccine into PCGrad's projection (same random order from the same key).
     j = jnp.asarray(_conflicting(np.random.default_rng(17), 6, scales=False))

@@ -90,6 +90,10 @@ CASES = [
     ("aggregator option", "aggregator 'cagrad'",
      lambda c: aggregation.get_aggregator("cagrad", alpha=0.5), ValueError,
      "aggregator 'cagrad': unknown hyper-parameter 'alpha'; …valid: c…"),
+    ("DWA temperature 0", "weighting 'dwa' temperature",
+     lambda c: weighting.get_weighting("dwa", 3, temperature=0.0), ValueError,
+     "weighting 'dwa' temperature: 0.0 must be > 0; a small value such as 0.1 makes the weights "
+     "nearly one-hot"),
     ("weighting", "weighting", lambda c: weighting.get_weighting("uncertainity", 3), ValueError,
      "weighting: unknown value 'uncertainity'; did you mean 'uncertainty'? valid: fixed, …"),
     ("optimizer", "optimizer", lambda c: Trainer(c["model"], TrainConfig(optimizer="adamm")),
@@ -136,6 +140,14 @@ CASES = [
      "or mixture model, or aggregator=None"),
     ("multiclass of one class", "task 'g' size", lambda c: TaskSpec("g", "multiclass", size=1),
      ValueError, "task 'g' size: multiclass needs size >= 2, got 1"),
+    ("probs without sampled order", "probs",
+     lambda c: Trainer(c["model"], TrainConfig(probs={"click": 1.0})), ValueError,
+     "probs: {'click': 1.0} apply only to order='sampled' (order is 'round_robin'); set "
+     "order='sampled' or drop probs"),
+    ("aggregator_kwargs without aggregator", "aggregator_kwargs",
+     lambda c: Trainer(c["model"], TrainConfig(aggregator_kwargs={"c": 0.4})), ValueError,
+     "aggregator_kwargs: {'c': 0.4} without an aggregator would be ignored; set aggregator= or "
+     "drop aggregator_kwargs"),
     ("multilabel of one label", "task 'g' size", lambda c: TaskSpec("g", "multilabel", size=1),
      ValueError, "task 'g' size: multilabel needs size >= 2, got 1; for one label use "
      "kind='binary'"),

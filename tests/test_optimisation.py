@@ -31,13 +31,13 @@ def host_params(state):
     )
 
 
-def sgd_step(data, **cfg):
+def sgd_step(data, stage=None, steps=1, **cfg):
     model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
     tr = Trainer(model, TrainConfig(optimizer="sgd", learning_rate=0.1, **cfg))
     st = tr.init(model)
-    b = jax.tree.map(lambda x: x[:1], epoch_batches(data, 128, jax.random.key(0)))
+    b = jax.tree.map(lambda x: x[:steps], epoch_batches(data, 128, jax.random.key(0)))
     before = host_params(st)
-    st, _ = tr.run(st, b, Stage(1))
+    st, _ = tr.run(st, b, stage or Stage(1))
     return tr, before, host_params(st)
 
 
@@ -60,6 +60,45 @@ def test_mean_aggregator_scales_shared_gradient_only(data):
         step_plain, step_agg = plain[k] - before[k], agg[k] - before[k]
         scale = 1.0 / T if partition.owner_of(k, tr.names) == "shared" else 1.0
         np.testing.assert_allclose(step_agg, scale * step_plain, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("aggregate_on", ["params", "representation"])
+def test_aggregators_see_only_the_stage_tasks(data, aggregate_on):
+    """On a stage of 2 of the 3 tasks, mean = (1/2)·sum of their rows (not 1/3 with a zero row),
+    and MGDA moves the shared parameters (the min-norm point of a hull holding 0 would be 0)."""
+    stage = Stage(1, tasks=("click", "like"))
+    tr, before, plain = sgd_step(data, stage)
+    _, _, agg = sgd_step(data, stage, aggregator="mean", aggregate_on=aggregate_on)
+    _, _, mgda = sgd_step(data, stage, aggregator="mgda", aggregate_on=aggregate_on)
+    shared = [k for k in plain if partition.owner_of(k, tr.names) == "shared"]
+    for k in plain:
+        scale = 0.5 if k in shared else 1.0
+        step_plain, step_agg = plain[k] - before[k], agg[k] - before[k]
+        np.testing.assert_allclose(step_agg, scale * step_plain, rtol=1e-4, atol=1e-7, err_msg=k)
+    assert all(np.abs(mgda[k] - before[k]).max() > 1e-6 for k in shared)
+
+
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "mean", "pcgrad"])
+def test_alternating_steps_aggregate_the_picked_task_alone(data, name):
+    """An alternating step trains one task: each of these aggregators returns a single row as it
+    is, so the run equals the one without an aggregator."""
+    stage = Stage(1, alternating=True)
+    _, before, plain = sgd_step(data, stage, steps=3)
+    _, _, agg = sgd_step(data, stage, steps=3, aggregator=name)
+    for k in plain:
+        np.testing.assert_allclose(agg[k], plain[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert any(not np.array_equal(before[k], plain[k]) for k in plain)
+
+
+@pytest.mark.parametrize("aggregate_on", ["params", "representation"])
+def test_gradnorm_reads_unweighted_rows_under_an_aggregator(data, aggregate_on):
+    """GradNorm needs ∇L_i, not λ_i ∇L_i: with the 'sum' aggregator (the joint step) its weights
+    and the parameters follow the run without an aggregator step for step."""
+    cfg = dict(weighting="gradnorm", weighting_kwargs={"lr": 0.5})
+    tr, before, plain = sgd_step(data, steps=4, **cfg)
+    _, _, agg = sgd_step(data, steps=4, aggregator="sum", aggregate_on=aggregate_on, **cfg)
+    for k in plain:
+        np.testing.assert_allclose(agg[k], plain[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
 def train_curve(data, epochs=6, model="shared_bottom", **cfg):

@@ -264,6 +264,40 @@ def test_skip_policy_skips_and_counts_non_finite_steps(clean):
     assert all(np.isfinite(x).all() for x in leaves(res.state.params))
 
 
+@pytest.mark.parametrize("nan_policy", ["stop", "skip"])
+def test_an_update_that_poisons_the_state_stops_and_is_never_saved(clean, tmp_path, nan_policy):
+    """Finite losses and gradients, but the learning rate of update 6 is NaN: the parameters it
+    makes are non-finite. The run stops at that chunk's end, unsaved; every checkpoint is finite
+    and equals the state of a clean run at its step."""
+    import optax
+
+    model = build_model("shared_bottom", clean.feature_specs, clean.task_specs, trunk=(16,),
+                        tower=(8,))  # fmt: skip
+    lr = lambda step: jnp.where(step == 6, jnp.nan, 5e-3)
+    tr = Trainer(model, TrainConfig(nan_policy=nan_policy), tx=optax.sgd(lr))
+    st0 = tr.init(model, seed=3)
+    ck = Checkpointer(tmp_path / "ck", tr.fingerprint(), max_to_keep=10)
+    with pytest.raises(Divergence, match=re.escape(
+        f"non-finite parameters or optimizer state after an update by step 6 (epoch 0, batches "
+        f"6–7) whose losses and gradients were finite: the optimizer made them (a NaN or infinite "
+        f"learning rate, Adam with eps=0, an overflow); last good checkpoint: step 6 in "
+        f"{ck.directory}")):  # fmt: skip
+        fit(tr, copy(st0), clean, (Stage(1),), batch_size=B, checkpointer=ck, save_every=2)
+    assert ck.steps() == [2, 4, 6]
+    good = Trainer(model, TrainConfig(nan_policy=nan_policy), tx=optax.sgd(lambda n: 5e-3 + 0 * n))
+    ref = Checkpointer(tmp_path / "ref", good.fingerprint(), max_to_keep=10)
+    polls = iter([False, False, True])  # stopped after the chunk that ends at step 6
+    with pytest.raises(KeyboardInterrupt):
+        fit(good, copy(st0), clean, (Stage(1),), batch_size=B, checkpointer=ref, save_every=2,
+            should_stop=lambda: next(polls))  # fmt: skip
+    got, want = ck.restore(copy(st0)), ref.restore(copy(st0))
+    assert got[2] == want[2] == 6
+    got, want = got[0], want[0]
+    for a, b in zip(leaves(got.params), leaves(want.params), strict=True):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_array_equal(a, b)
+
+
 def test_gradient_divergence_names_the_task(clean):
     """An overflowing loss weight: the losses are finite, rating's weighted gradient is not."""
     tr, st0 = trainer_and_state(clean, weights={"rating": 3e38})
