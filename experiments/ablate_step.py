@@ -18,9 +18,10 @@
              (Adam reads and writes two dense moments per parameter), shared bottom, T = 3.
 - ``xla``:   XLA's default options (the trainer's default) vs ``train.CPU_JOINT_OPTIONS``
              (XLA:CPU hands only dots to YNNPACK; reductions and elementwise ops stay with XLA's
-             own emitters) and vs ``xla_cpu_multi_thread_eigen=False`` (Eigen's dots on one
-             thread), each as ``TrainConfig.compiler_options``; shared bottom and MMoE joint
-             (T = 3 and 8), shared bottom with UPGrad.
+             own emitters), vs ``xla_cpu_multi_thread_eigen=False`` (Eigen's dots on one
+             thread) and vs ``REGION_ANALYSIS`` (copy insertion with region analysis), each as
+             ``TrainConfig.compiler_options``; shared bottom and MMoE joint (T = 3 and 8), shared
+             bottom with UPGrad; its own table, with the compiled chunk's HLO copy count.
 - ``chunk``: the fixed cost of one ``Trainer.run``: the stage mask rebuilt on the host and sent
              per call (as before) vs cached on the device, and 32,768 rows per call vs one
              epoch of the main job's ML-100K training split (73,728 rows, the benchmark's chunk).
@@ -167,6 +168,11 @@ def sgd() -> contextlib.AbstractContextManager:
     return patched(B, "TrainConfig", functools.partial(TrainConfig, optimizer="sgd"))
 
 
+# XLA's copy insertion with region analysis: fewer copies of loop-carried buffers (by default the
+# scanned step copies every Adam moment before updating it; the count is printed per variant).
+REGION_ANALYSIS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
 def xla_options(options: dict) -> Callable[[], contextlib.AbstractContextManager]:
     """The benchmark's trainer compiled with exactly ``compiler_options=options``."""
     return lambda: patched(B, "COMPILER_OPTIONS", options)
@@ -186,9 +192,11 @@ def compare(
     repeats: int,
     examples: list[int] | None = None,
     model: str = "shared_bottom",
+    copies: bool = False,
     **ours_kw: Any,
 ) -> None:
-    """``examples``: rows per timed chunk for each variant (default ``EXAMPLES`` for all)."""
+    """``examples``: rows per timed chunk for each variant (default ``EXAMPLES`` for all);
+    ``copies``: add the compiled chunk's count of HLO copy instructions to each row."""
     examples = examples or [EXAMPLES] * len(variants)
     data = B.ml100k_like(max(EXAMPLES, *examples), num_tasks=tasks)
     benches = []
@@ -203,10 +211,11 @@ def compare(
     base = benches[0].record()["ms_per_step"]
     for b in benches:
         r = b.record()
-        print(
+        row = (
             f"| {title} | {batch} | {tasks} | {r['variant']} | {r['ms_per_step']:.3f} | "
             f"{r['ms_per_step'] / base:.3f} |"
         )
+        print(row + (f" {b.info.get('hlo_copies', '-')} |" if copies else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     batches = [int(b) for b in a.batch_sizes.split(",")]
     now = contextlib.nullcontext
-    print("| ablation | batch | T | variant | ms/step | x first |")
-    print("|---|---|---|---|---|---|")
+    if a.only != "xla":  # the xla section prints its own table, with a column more
+        print("| ablation | batch | T | variant | ms/step | x first |")
+        print("|---|---|---|---|---|---|")
     for b in batches:
         if a.only in (None, "bce"):
             compare("loss", [("optax BCE", optax_bce), ("one-exp BCE", now)], b, 3, a.repeats)
@@ -258,11 +268,15 @@ def main(argv: list[str] | None = None) -> int:
                 ("XLA defaults", xla_options({})),
                 ("YNNPACK for dots only", xla_options(train.CPU_JOINT_OPTIONS)),
                 ("Eigen on one thread", xla_options({"xla_cpu_multi_thread_eigen": False})),
+                ("copy insertion with region analysis", xla_options(REGION_ANALYSIS)),
             ]
+            print("\n| ablation | batch | T | variant | ms/step | x first | HLO copies |")
+            print("|---|---|---|---|---|---|---|")
             for t in (3, 8):
-                compare("XLA options, shared bottom", xla, b, t, a.repeats)
-            compare("XLA options, MMoE", xla, b, 3, a.repeats, model="mmoe")
-            compare("XLA options, UPGrad", xla, b, 3, a.repeats, aggregator="upgrad")
+                compare("XLA options, shared bottom", xla, b, t, a.repeats, copies=True)
+            compare("XLA options, MMoE", xla, b, 3, a.repeats, model="mmoe", copies=True)
+            compare("XLA options, UPGrad", xla, b, 3, a.repeats, aggregator="upgrad", copies=True)
+            print()
         if a.only in (None, "chunk"):
             runs = [
                 ("host mask, 32,768 rows per run", host_mask),

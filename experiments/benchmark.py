@@ -208,6 +208,12 @@ def _flops(compiled: Any) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def hlo_copies(hlo_text: str) -> int:
+    """Copy instructions in a compiled module's text (buffers XLA duplicates, e.g. loop-carried
+    state it cannot update in place)."""
+    return sum(1 for line in hlo_text.splitlines() if " copy(" in line and " = " in line)
+
+
 def while_body_counted_once() -> bool:
     """Whether XLA's cost analysis on this backend counts a loop body once (not × trip count)."""
     w = jnp.ones((64, 64), jnp.float32)
@@ -262,6 +268,7 @@ class Ours:
         if flops is not None and not self.per_step_flops:
             flops /= self.bench.steps
         info["flops_per_step"] = flops
+        info["hlo_copies"] = hlo_copies(compiled.as_text())
         self.lowered = None
 
     def warm_up(self) -> Bench:

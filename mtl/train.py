@@ -143,7 +143,7 @@ OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagr
 
 # XLA:CPU: YNNPACK for dots only (reductions and elementwise ops stay with XLA's emitters). In
 # `experiments/ablate_step.py --only xla` this made steps without per-task gradients up to 8-10%
-# faster (MMoE, the shared bottom at batch 4096) and UPGrad steps up to 9% slower (docs/scaling.md);
+# faster (MMoE, the shared bottom at batch 4096) and UPGrad steps up to 27% slower (docs/scaling.md);
 # an option to pass, not a default: it is experimental in XLA and changes summation order.
 CPU_JOINT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 

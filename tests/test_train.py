@@ -271,19 +271,23 @@ def test_custom_optax_transform_is_used(data):
 
 def test_compiler_options_reach_the_step_and_bad_ones_are_refused(data, tmp_path):
     """``compiler_options`` go to XLA with the step: xla_dump_to makes XLA write the step's HLO
-    into the folder, and the trajectory equals the run without options, bit for bit."""
+    into the folder, and the trajectory equals the run without options, bit for bit; so does the
+    one with copy insertion's region analysis (docs/results/ablations.md: it changes buffers, not
+    arithmetic)."""
     b = batches_of(data)
-    runs = {}
-    for opts in ({}, {"xla_dump_to": str(tmp_path)}):
+    runs = []
+    region = {"xla_cpu_copy_insertion_use_region_analysis": True}
+    for opts in ({}, {"xla_dump_to": str(tmp_path)}, region):
         model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
         tr = Trainer(model, TrainConfig(learning_rate=1e-2, compiler_options=opts))
         st, m = tr.run(tr.init(model), b, Stage(1))
-        runs[bool(opts)] = (np.asarray(m["loss"]), leaves_with_paths(st.params))
+        runs.append((np.asarray(m["loss"]), leaves_with_paths((st.params, st.opt_state))))
     dumped = [p.name for p in tmp_path.iterdir()]
     assert any("_epoch_fn" in n for n in dumped), dumped
-    np.testing.assert_array_equal(runs[True][0], runs[False][0])
-    for k, v in runs[False][1].items():
-        np.testing.assert_array_equal(runs[True][1][k], v)
+    for loss, state in runs[1:]:
+        np.testing.assert_array_equal(loss, runs[0][0])
+        for k, v in runs[0][1].items():
+            np.testing.assert_array_equal(state[k], v)
 
     model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
     with pytest.raises(ValueError, match="compiler_options.*xla_no_such_option"):
