@@ -138,6 +138,32 @@ class TrainConfig:
     compiler_options: dict = dataclasses.field(default_factory=dict)
 
 
+class PerLeafState(NamedTuple):
+    """The state of ``per_leaf(tx)``: one state of ``tx`` per parameter leaf, in leaf order."""
+
+    leaves: list
+
+
+def per_leaf(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` applied to every parameter leaf on its own: each leaf keeps its own step count, so
+    a group frozen for a stage (its update masked, its moments unchanged) starts Adam's bias
+    correction afresh when it trains, as PyTorch's per-parameter ``step`` does; one shared count
+    would have corrected its fresh moments as old ones (the first step up to ~3x, later ones up
+    to ~6x the learning rate). Only for element-wise optimizers (the built-in ones): a transform
+    that reads the whole tree (clip_by_global_norm) would see one leaf at a time."""
+
+    def init(params):
+        return PerLeafState([tx.init(p) for p in jax.tree.leaves(params)])
+
+    def update(updates, state, params=None):
+        leaves, treedef = jax.tree.flatten(updates)
+        ps = jax.tree.leaves(params) if params is not None else [None] * len(leaves)
+        out = [tx.update(u, s, p) for u, s, p in zip(leaves, state.leaves, ps, strict=True)]
+        return treedef.unflatten([u for u, _ in out]), PerLeafState([s for _, s in out])
+
+    return optax.GradientTransformation(init, update)
+
+
 OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagrad": optax.adagrad}
 
 
@@ -229,7 +255,7 @@ class Trainer:
                 raise unknown("optimizer", c.optimizer, OPTIMIZERS)
             if not c.learning_rate > 0:
                 raise ValueError(f"learning_rate: {c.learning_rate} must be > 0")
-            tx = OPTIMIZERS[c.optimizer](c.learning_rate)
+            tx = per_leaf(OPTIMIZERS[c.optimizer](c.learning_rate))
         self.tx = tx
         self.aggregator = (
             None
@@ -533,9 +559,17 @@ class Trainer:
         new_params = optax.apply_updates(state.params, updates)
         mask = jax.tree.map(lambda m: jnp.logical_and(m, ok), mask)
         params = jax.tree.map(jnp.where, mask, new_params, state.params)
-        opt_mask = optax.tree_utils.tree_map_params(
-            self.tx, lambda _, m: m, state.opt_state, mask, transform_non_params=lambda _: ok
-        )
+        if isinstance(state.opt_state, PerLeafState):  # a leaf's step count moves with it
+            opt_mask = PerLeafState(
+                [
+                    jax.tree.map(lambda x, m=m: m if x.shape == m.shape else jnp.any(m), s)
+                    for s, m in zip(state.opt_state.leaves, jax.tree.leaves(mask), strict=True)
+                ]
+            )
+        else:
+            opt_mask = optax.tree_utils.tree_map_params(
+                self.tx, lambda _, m: m, state.opt_state, mask, transform_non_params=lambda _: ok
+            )
         opt_state = jax.tree.map(jnp.where, opt_mask, new_opt, state.opt_state)
 
         next_losses = None

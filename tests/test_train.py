@@ -37,9 +37,11 @@ def leaves_with_paths(tree):
     )
 
 
-def adam_moments(opt_state):
-    mu = leaves_with_paths(opt_state[0].mu)
-    nu = leaves_with_paths(opt_state[0].nu)
+def adam_moments(state):
+    """({path: mu}, {path: nu}) of the per-leaf Adam states (host copies)."""
+    paths, per_leaf = partition.paths(state.params), state.opt_state.leaves
+    mu = {k: np.array(s[0].mu) for k, s in zip(paths, per_leaf, strict=True)}
+    nu = {k: np.array(s[0].nu) for k, s in zip(paths, per_leaf, strict=True)}
     return mu, nu
 
 
@@ -147,11 +149,11 @@ def test_alternating_round_robin_touches_only_active_task(data):
     names = tr.names
     for step in range(2 * len(names)):
         # warm the moments first so "unchanged" is a real claim about non-zero state
-        before_p, (before_mu, before_nu) = leaves_with_paths(st.params), adam_moments(st.opt_state)
+        before_p, (before_mu, before_nu) = leaves_with_paths(st.params), adam_moments(st)
         st, m = tr.run(st, one_step(b, step % 8), Stage(1, alternating=True))
         active = names[step % len(names)]
         assert int(m["task"][0]) == step % len(names)
-        after_p, (after_mu, after_nu) = leaves_with_paths(st.params), adam_moments(st.opt_state)
+        after_p, (after_mu, after_nu) = leaves_with_paths(st.params), adam_moments(st)
         for path in before_p:
             owner = partition.owner_of(path, names)
             same = [
@@ -163,6 +165,27 @@ def test_alternating_round_robin_touches_only_active_task(data):
                 assert not same[0] and not same[1], f"{path} should change on a {active} step"
             else:
                 assert all(same), f"{path} (owned by {owner}) changed on a {active} step"
+
+
+def test_a_group_frozen_for_a_stage_starts_adam_afresh(data):
+    """Stage 1 trains the towers and heads for 8 steps, the trunk frozen; stage 2's first step is
+    the trunk's first Adam step: bias-corrected moments g and g², so every trunk entry moves by
+    lr·|g|/(|g| + eps), i.e. lr (or 0 where its gradient is 0), not a multiple of it."""
+    lr = 1e-2
+    model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
+    tr = Trainer(model, TrainConfig(learning_rate=lr))
+    st = tr.init(model)
+    b = batches_of(data)
+    st, _ = tr.run(st, b, Stage(1, trainable=("towers", "heads")))
+    before = leaves_with_paths(st.params)
+    st, _ = tr.run(st, one_step(b, 0), Stage(1))
+    after = leaves_with_paths(st.params)
+    trunk = [k for k in before if partition.owner_of(k, tr.names) == "shared"]
+    assert trunk
+    for k in trunk:
+        moved = np.abs(after[k] - before[k]) / lr
+        assert moved.max() <= 1.0 + 1e-3, k  # never more than lr (|g| / (|g| + eps) <= 1)
+        assert np.median(moved[moved > 0]) > 0.999, k  # lr where |g| >> eps
 
 
 def test_alternating_on_stacked_columns_changes_only_that_slice(data):
@@ -199,9 +222,9 @@ def test_staged_frozen_params_bit_identical(data):
     st = tr.init(model)
     b = batches_of(data)
     st, _ = tr.run(st, b, Stage(1))  # all trainable: moments become non-zero
-    before_p, (before_mu, _) = leaves_with_paths(st.params), adam_moments(st.opt_state)
+    before_p, (before_mu, _) = leaves_with_paths(st.params), adam_moments(st)
     st, _ = tr.run(st, b, Stage(1, trainable=("towers", "heads")))
-    after_p, (after_mu, _) = leaves_with_paths(st.params), adam_moments(st.opt_state)
+    after_p, (after_mu, _) = leaves_with_paths(st.params), adam_moments(st)
     for path in before_p:
         frozen = partition.group_of(path) not in ("towers", "heads")
         assert np.array_equal(before_p[path], after_p[path]) == frozen, path
