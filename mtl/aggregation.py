@@ -293,7 +293,11 @@ def aligned_mtl(jacobian_TxP: Array) -> Array:
 
 
 def upgrad(jacobian_TxP: Array, reg_eps: float = 0.0) -> Array:
-    """UPGrad (Quinton & Rey 2024, TorchJD): d = (1/T) Σ_i π(g_i), π onto the cone {v: Jv >= 0}."""
+    """UPGrad (Quinton & Rey 2024, TorchJD): d = (1/T) Σ_i π(g_i), π onto the cone {v: Jv >= 0}.
+
+    ``reg_eps`` adds reg_eps·I to the trace-normalised Gram. The default 0 keeps the cone exact;
+    TorchJD's default is 1e-4 (pass ``reg_eps=1e-4`` for its numbers), which loosens it slightly.
+    """
     t = jacobian_TxP.shape[0]
     gram_TxT = _torchjd_gram(jacobian_TxP, reg_eps)
     u_TxT = jnp.eye(t, dtype=gram_TxT.dtype) / t
@@ -302,7 +306,9 @@ def upgrad(jacobian_TxP: Array, reg_eps: float = 0.0) -> Array:
 
 
 def dualproj(jacobian_TxP: Array, reg_eps: float = 0.0) -> Array:
-    """DualProj (TorchJD): d = π_{J}(mean g), the projection of the mean onto {v: Jv >= 0}."""
+    """DualProj (TorchJD): d = π_{J}(mean g), the projection of the mean onto {v: Jv >= 0}.
+
+    ``reg_eps`` as in ``upgrad`` (0 here, 1e-4 in TorchJD)."""
     t = jacobian_TxP.shape[0]
     gram_TxT = _torchjd_gram(jacobian_TxP, reg_eps)
     w_T = _project_weights(jnp.full((t,), 1.0 / t, gram_TxT.dtype), gram_TxT)

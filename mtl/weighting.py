@@ -89,13 +89,16 @@ def uncertainty(num_tasks: int, lr: float = 0.01, init_log_var: float = 0.0) -> 
 def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025) -> Weighting:
     """Chen et al. 2018: G_i = w_i|∇_W L_i|; w -= lr ∇_w Σ_i |G_i - mean(G) r_i^α|; Σ w = T."""
     # The target mean(G) r_i^α is a constant in the gradient (as in the paper); r_i = L_i(t)/L_i(0)
-    # over its mean; the jacobian rows must be gradients of the UNWEIGHTED task losses. The gradient
+    # over its mean; the jacobian rows must be gradients of the UNWEIGHTED task losses (the trainer
+    # gives those of all shared parameters, as LibMTL does; the paper takes the last shared
+    # layer W). The gradient
     # sign(G_i - target_i)|∇_W L_i| is divided by mean_j |∇_W L_j| so that lr is scale-free.
 
     def update(state, info):
         if info.jacobian is None:
             raise ValueError(
-                "weighting 'gradnorm' needs StepInfo.jacobian (grads of the last layer)"
+                "weighting 'gradnorm' needs StepInfo.jacobian (the per-task gradients of the "
+                "unweighted losses with respect to the shared parameters)"
             )
         t = state["w"].shape[0]
         losses_T = jax.lax.stop_gradient(info.losses)
