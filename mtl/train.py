@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -334,11 +335,15 @@ class Trainer:
             for p, x in zip(partition.paths(params), jax.tree.leaves(params), strict=True)
         }
         cfg = dataclasses.asdict(self.config)
+        opt = jax.tree.structure(jax.eval_shape(self.tx.init, params))
+        layout = "per-leaf" if opt.node_data() and opt.node_data()[0] is PerLeafState else "tree"
         return {
             "model": self.model_name,
             "tasks": [dataclasses.asdict(t) for t in self.tasks],
             "params": shapes,
             "config": {k: cfg[k] for k in ("optimizer", "aggregator", "aggregate_on", "weighting")},
+            # the optimizer state's layout (a checkpoint of another one cannot be restored)
+            "opt_state": f"{layout} {hashlib.sha1(str(opt).encode()).hexdigest()[:12]}",
         }
 
     def model(self, state: TrainState, train: bool = False) -> nnx.Module:

@@ -126,3 +126,20 @@ def test_unwritable_directory(data, tmp_path):
     blocker.write_text("x")
     with pytest.raises(ValueError, match="checkpoint directory: cannot write"):
         Checkpointer(blocker / "sub", tr.fingerprint())
+
+
+def test_checkpoint_of_another_optimizer_state_layout_is_refused(data, tmp_path):
+    """A whole-tree optax state (a tx passed to Trainer) and the built-in per-leaf one differ in
+    layout: the fingerprint names it instead of orbax failing on the tree."""
+    import optax
+
+    model = build_model("shared_bottom", data.feature_specs, data.task_specs, trunk=(16,),
+                        tower=(8,))  # fmt: skip
+    tree = Trainer(model, TrainConfig(learning_rate=5e-3), tx=optax.adam(5e-3))
+    ck = Checkpointer(tmp_path / "ck", tree.fingerprint())
+    ck.save(0, tree.init(model, seed=3))
+    ck.close()
+    tr, st = make(data)
+    with pytest.raises(CheckpointMismatch, match=r"opt_state: checkpoint has 'tree \w{12}', this "
+                       r"run has 'per-leaf \w{12}'"):  # fmt: skip
+        Checkpointer(tmp_path / "ck", tr.fingerprint()).restore(st)
