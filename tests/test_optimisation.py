@@ -78,7 +78,7 @@ def test_aggregators_see_only_the_stage_tasks(data, aggregate_on):
     assert all(np.abs(mgda[k] - before[k]).max() > 1e-6 for k in shared)
 
 
-@pytest.mark.parametrize("name", ["mgda", "upgrad", "mean", "pcgrad"])
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "mean", "pcgrad", "gradvac"])
 def test_alternating_steps_aggregate_the_picked_task_alone(data, name):
     """An alternating step trains one task: each of these aggregators returns a single row as it
     is, so the run equals the one without an aggregator."""
@@ -99,6 +99,19 @@ def test_gradnorm_reads_unweighted_rows_under_an_aggregator(data, aggregate_on):
     _, _, agg = sgd_step(data, steps=4, aggregator="sum", aggregate_on=aggregate_on, **cfg)
     for k in plain:
         np.testing.assert_allclose(agg[k], plain[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_gradvac_state_moves_only_for_the_stage_tasks(data):
+    """GradVac's pairwise targets: a stage on click and like updates their pair only."""
+    model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
+    tr = Trainer(model, TrainConfig(aggregator="gradvac", aggregator_kwargs={"beta": 0.5}))
+    st = tr.init(model)
+    b = jax.tree.map(lambda x: x[:2], epoch_batches(data, 128, jax.random.key(0)))
+    st, _ = tr.run(st, b, Stage(1, tasks=("click", "like")))
+    target = np.asarray(st.aggregator)
+    i, j, k = (tr.names.index(n) for n in ("click", "like", "rating"))
+    assert target[i, j] != 0 and target[j, i] != 0
+    assert np.all(target[k] == 0) and np.all(target[:, k] == 0) and np.all(np.diag(target) == 0)
 
 
 def train_curve(data, epochs=6, model="shared_bottom", **cfg):
