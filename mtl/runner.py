@@ -238,16 +238,19 @@ def _state_finite(state: TrainState) -> bool:
     return bool(_all_finite([x for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]))
 
 
+def _last_good(ckpt: Checkpointer | None) -> str:
+    """'; last good checkpoint: step N in DIR' when the checkpointer holds one, else ''."""
+    if ckpt and ckpt.steps():
+        return f"; last good checkpoint: step {ckpt.steps()[-1]} in {ckpt.directory}"
+    return ""
+
+
 def _bad_update(m: dict, e: int, offset: int, ckpt: Checkpointer | None) -> Divergence:
     ok = np.asarray(m["finite"], bool)
     steps = np.asarray(m["step"])
     # the culprit precedes the first non-finite step (its loss read the poisoned parameters)
     at = f"by step {int(steps[np.argmin(ok)]) - 1}" if not ok.all() else "within the chunk"
-    last = (
-        f"; last good checkpoint: step {ckpt.steps()[-1]} in {ckpt.directory}"
-        if ckpt and ckpt.steps()
-        else ""
-    )
+    last = _last_good(ckpt)
     return Divergence(
         f"non-finite parameters or optimizer state after an update {at} (epoch {e}, batches "
         f"{offset}–{offset + len(ok) - 1}) whose losses and gradients were finite: the optimizer "
@@ -283,11 +286,7 @@ def _divergence(
             if tasks
             else "gradient (losses and per-task gradients finite: penalty or aggregator)"
         )
-    last = (
-        f"; last good checkpoint: step {ckpt.steps()[-1]} in {ckpt.directory}"
-        if ckpt and ckpt.steps()
-        else ""
-    )
+    last = _last_good(ckpt)
     return Divergence(
         f"non-finite {what} at step {int(m['step'][bad])} (epoch {e}, batch {offset + bad}){last}; "
         "lower the learning rate, check the data, or set nan_policy='skip' to skip such steps"
