@@ -564,10 +564,12 @@ class Trainer:
         new_params = optax.apply_updates(state.params, updates)
         mask = jax.tree.map(lambda m: jnp.logical_and(m, ok), mask)
         params = jax.tree.map(jnp.where, mask, new_params, state.params)
-        if isinstance(state.opt_state, PerLeafState):  # a leaf's step count moves with it
+        # per leaf: the moments take the leaf's mask (a slice of stacked per-task columns too),
+        # its step count moves when any of it trains
+        if isinstance(state.opt_state, PerLeafState):
             opt_mask = PerLeafState(
                 [
-                    jax.tree.map(lambda x, m=m: m if x.shape == m.shape else jnp.any(m), s)
+                    jax.tree.map(lambda x, m=m: jnp.any(m) if x.ndim == 0 else m, s)
                     for s, m in zip(state.opt_state.leaves, jax.tree.leaves(mask), strict=True)
                 ]
             )
