@@ -362,7 +362,7 @@ def gradvac(
     """GradVac (Wang et al. 2021): g_i' += w g_j lifting cos(g_i', g_j) = ρ to its EMA target φ̂."""
     # w = |g_i'|(φ̂√(1-ρ²) - ρ√(1-φ̂²)) / (|g_j|√(1-φ̂²)) when ρ < φ̂_ij; φ̂_ij ← (1-β)φ̂_ij + βρ.
     # j runs over the other tasks in a random order per task; one parameter group (whole model).
-    t = jacobian_TxP.shape[0]
+    t, target_dtype = jacobian_TxP.shape[0], target_TxT.dtype  # the state keeps its dtype
     gram_TxT = _normalized_gram(jacobian_TxP)
     norm_T = jnp.sqrt(jnp.maximum(jnp.diag(gram_TxT), 0.0))
     order_TxTm1 = _random_orders(key, t)
@@ -388,7 +388,7 @@ def gradvac(
         coef_TxT = coef_TxT + jnp.where(rho_T < phi_T, w_T, 0.0)[:, None] * sel_TxT
         new_T = (1.0 - beta) * jnp.sum(target_TxT * sel_TxT, axis=1) + beta * rho_T
         target_TxT = jnp.where(sel_TxT > 0, new_T[:, None], target_TxT)
-    return _combine(jnp.sum(coef_TxT, axis=0), jacobian_TxP), target_TxT
+    return _combine(jnp.sum(coef_TxT, axis=0), jacobian_TxP), target_TxT.astype(target_dtype)
 
 
 def config(jacobian_TxP: Array) -> Array:

@@ -253,4 +253,16 @@ def get_weighting(name: str, num_tasks: int, **hparams: Any) -> Weighting:
         )
     if name == "dwa" and int(hparams.get("period", 1)) < 1:
         raise ValueError(f"weighting 'dwa' period: {hparams['period']} must be >= 1")
-    return fn(int(num_tasks), **hparams)
+    w = fn(int(num_tasks), **hparams)
+    return w._replace(update=_keeping_dtypes(w.update))
+
+
+def _keeping_dtypes(update: Callable[[PyTree, StepInfo], PyTree]) -> Callable:
+    """``update`` whose new state keeps the old state's dtypes: float64 losses (jax_enable_x64)
+    would otherwise promote a float32 state, and a scanned carry must keep its dtype."""
+
+    def same(state: PyTree, info: StepInfo) -> PyTree:
+        new = update(state, info)
+        return jax.tree.map(lambda n, o: jnp.asarray(n, jnp.asarray(o).dtype), new, state)
+
+    return same

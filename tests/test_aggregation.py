@@ -324,6 +324,14 @@ def test_gradvac_target_of_one_lifts_to_the_clamped_target():
     np.testing.assert_allclose(np.asarray(new)[off], 0.5 + 0.5 * rho, atol=1e-5)
 
 
+def test_gradvac_target_keeps_its_dtype_under_float64_rows():
+    with jax.enable_x64(True):
+        j = jnp.asarray(_conflicting(np.random.default_rng(21), 3), jnp.float64)
+        d, new = agg.gradvac(j, jnp.zeros((3, 3), jnp.float32), KEY, beta=0.5)
+        assert new.dtype == jnp.float32 and d.dtype == jnp.float64
+        assert np.any(np.asarray(new) != 0)
+
+
 def test_gradvac_zero_target_is_pcgrad():
     # φ̂ = 0 turns the vaccine into PCGrad's projection (same random order from the same key).
     j = jnp.asarray(_conflicting(np.random.default_rng(17), 6, scales=False))

@@ -191,3 +191,25 @@ def test_unknown_names():
         wt.get_weighting("dwa", 2, temp=2.0)
     with pytest.raises(ValueError, match="no hyper-parameters"):
         wt.get_weighting("rlw", 2, lr=0.1)
+
+
+@pytest.mark.parametrize("name", wt.WEIGHTINGS)
+def test_state_keeps_its_dtype_under_float64_inputs(name):
+    """With jax_enable_x64 and float64 losses / Jacobian, an update returns the state in the
+    dtypes init gave it (a scanned carry cannot change dtype)."""
+    with jax.enable_x64(True):
+        w = wt.get_weighting(name, 3)
+        state = w.init(3)
+        info = wt.StepInfo(
+            losses=jnp.asarray([0.5, 1.0, 2.0], jnp.float64),
+            next_losses=jnp.asarray([0.4, 0.9, 1.9], jnp.float64),
+            jacobian=jnp.asarray(np.random.default_rng(0).normal(size=(3, 5)), jnp.float64),
+            step=jnp.asarray(3, jnp.int32),
+            key=KEY,
+        )
+        for _ in range(2):
+            new = w.update(state, info)
+            assert jax.tree.structure(new) == jax.tree.structure(state)
+            for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state), strict=True):
+                assert jnp.asarray(a).dtype == jnp.asarray(b).dtype, name
+            state = new
