@@ -374,11 +374,11 @@ def gradvac(
         gj_norm_T = jnp.sum(norm_T * sel_TxT, axis=1)
         rho_T = jnp.sum(cg_TxT * sel_TxT, axis=1) / (pc_norm_T * gj_norm_T + _EPS)
         rho_T = jnp.clip(rho_T, -1.0, 1.0)
-        phi_T = jnp.sum(target_TxT * sel_TxT, axis=1)
+        ema_T = jnp.sum(target_TxT * sel_TxT, axis=1)
         # The lift grows like 1/√(1-φ̂²): once the EMA reaches 1 (tasks with equal gradients for a
         # while) it would divide by ~0, so the lift aims at φ̂ clamped to at most 1 - 1e-4 (the
         # stored EMA stays unclamped). LibMTL and TorchJD divide as is.
-        phi_T = jnp.minimum(phi_T, _MAX_TARGET)
+        phi_T = jnp.minimum(ema_T, _MAX_TARGET)
         root_T = jnp.sqrt(jnp.maximum(1.0 - phi_T**2, 0.0))
         w_T = (
             pc_norm_T
@@ -386,7 +386,7 @@ def gradvac(
             / (gj_norm_T * root_T + _EPS)
         )
         coef_TxT = coef_TxT + jnp.where(rho_T < phi_T, w_T, 0.0)[:, None] * sel_TxT
-        new_T = (1.0 - beta) * jnp.sum(target_TxT * sel_TxT, axis=1) + beta * rho_T
+        new_T = (1.0 - beta) * ema_T + beta * rho_T
         target_TxT = jnp.where(sel_TxT > 0, new_T[:, None], target_TxT)
     return _combine(jnp.sum(coef_TxT, axis=0), jacobian_TxP), target_TxT.astype(target_dtype)
 

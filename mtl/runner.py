@@ -488,6 +488,5 @@ __all__ = [
     "evaluate",
     "examples_per_second",
     "fit",
-    "integer",
     "plan",
 ]
