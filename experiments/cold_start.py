@@ -37,7 +37,7 @@ from ml_collections import ConfigDict, config_flags
 
 from mtl import metrics as M
 from mtl.data import movielens, splits
-from mtl.experiment import RunDir, cli, plot_curves, public, train_run
+from mtl.experiment import RunDir, add_delta_m, cli, plot_curves, public, train_run
 
 REPORTED = {"like": ("auc", "accuracy", "f1"), "rating": ("rmse",)}
 
@@ -178,13 +178,14 @@ def main(c: ConfigDict) -> int:
     rundir = RunDir(c.workdir, c)
     runs: list[dict] = []
     for split in c.splits:
+        temporal = split == "temporal"  # the last ratings of each user: no fraction, no seed
         sp = splits.make_split(
             split,
             user_N=ml.user_N,
             item_N=ml.item_N,
             timestamp_N=ml.timestamp_N,
-            test_fraction=c.test_fraction,
-            seed=c.split_seed,
+            test_fraction=None if temporal else c.test_fraction,
+            seed=None if temporal else c.split_seed,
         )
         side = ml.user_N if split == "cold_user" else ml.item_N
         table = ml.num_users if split == "cold_user" else ml.num_items
@@ -200,6 +201,7 @@ def main(c: ConfigDict) -> int:
         kw = dict(
             features=[f for f in feats if not (c.drop_cold_id and f == cold_id)],
             title_buckets=c.title_buckets,
+            fit_rows=sp.train,  # the timestamp is standardised on the training rows
         )
         stl_data = movielens.movielens_dataset(ml, tuple(c.stl_tasks), **kw)
         mtl_data = movielens.movielens_dataset(ml, tuple(c.mtl_tasks), **kw)
@@ -247,9 +249,8 @@ def main(c: ConfigDict) -> int:
                 split_runs.append(r)
         for seed in c.seeds:
             same = [r for r in split_runs if r["seed"] == seed]
-            base = next(r for r in same if r["model"] == "single_task")
+            add_delta_m(same)
             for r in same:
-                r["delta_m"] = M.delta_m(r["tasks"], base["tasks"])
                 rundir.log({"run": r["name"], "final": r["tasks"], "delta_m": r["delta_m"]})
         plot_curves(
             rundir,

@@ -69,15 +69,19 @@ def stages_for(epochs: int) -> list[dict]:
 
 def main(c: ConfigDict) -> int:
     ml = movielens.load_movielens(c.version, source=c.source)
-    data = movielens.movielens_dataset(ml, tuple(c.tasks), title_buckets=c.title_buckets)
+    temporal = c.split == "temporal"  # the last ratings of each user: no fraction, no seed
     sp = splits.make_split(
         c.split,
         user_N=ml.user_N,
         item_N=ml.item_N,
         timestamp_N=ml.timestamp_N,
-        test_fraction=c.test_fraction,
+        test_fraction=None if temporal else c.test_fraction,
         val_fraction=c.val_fraction,
-        seed=c.split_seed,
+        seed=None if temporal else c.split_seed,
+    )
+    # the timestamp feature is standardised with the training rows' mean and std
+    data = movielens.movielens_dataset(
+        ml, tuple(c.tasks), title_buckets=c.title_buckets, fit_rows=sp.train
     )
     train, val, test = data.take(sp.train), data.take(sp.val), data.take(sp.test)
     print(
@@ -105,7 +109,7 @@ def main(c: ConfigDict) -> int:
     plot_curves(rundir, runs)
     table = rundir.write_results(
         f"movielens-{c.version}",
-        f"{c.split} (seed {c.split_seed}, test {c.test_fraction})",
+        "temporal" if temporal else f"{c.split} (seed {c.split_seed}, test {c.test_fraction})",
         [public(r) for r in runs],
         title="MovieLens multi-task study",
     )

@@ -317,10 +317,17 @@ def _with_embed_dim(specs: Sequence[FeatureSpec], dim: int) -> dict[str, Feature
     }
 
 
-def _dataset(ml: movielens.MovieLens, names: Sequence[str], c: ConfigDict) -> Dataset:
-    """Ratings with the tasks rating + retrieval and the features ``names`` (ids at embed_dim)."""
+def _dataset(
+    ml: movielens.MovieLens, names: Sequence[str], c: ConfigDict, train_rows: np.ndarray
+) -> Dataset:
+    """Ratings with the tasks rating + retrieval and the features ``names`` (ids at embed_dim;
+    a timestamp is standardised on ``train_rows``)."""
     data = movielens.movielens_dataset(
-        ml, ("rating", "retrieval"), features=list(names), title_buckets=c.title_buckets
+        ml,
+        ("rating", "retrieval"),
+        features=list(names),
+        title_buckets=c.title_buckets,
+        fit_rows=train_rows,
     )
     specs = _with_embed_dim(data.feature_specs, c.embed_dim)
     return dataclasses.replace(data, feature_specs=tuple(specs[n] for n in names))
@@ -344,7 +351,7 @@ def run_family(
     """Train one model per (rating, retrieval) weight pair of ``s`` and score it."""
     users, items = tuple(s.user_features), tuple(s.item_features)
     names = list(dict.fromkeys(("user_id", "item_id", *users, *items)))
-    data = _dataset(ml, names, c)
+    data = _dataset(ml, names, c, idx[0])
     train, test = data.take(idx[0]), data.take(idx[1])
     item_train = ml.item_N[idx[0]]
     counts = np.bincount(item_train, minlength=ml.num_items) + 1.0

@@ -117,7 +117,10 @@ def load_data(d: ConfigDict) -> tuple[Dataset, Dataset]:
         from mtl.data import movielens
 
         ml = movielens.load_movielens(d.version, path=d.path or None, download=bool(d.download))
-        data = movielens.movielens_dataset(ml, ("like", "rating"))
+        sp = splits.random_split(len(ml), float(d.test_fraction), 0.0, int(d.seed))
+        # the timestamp feature is standardised on the training rows
+        data = movielens.movielens_dataset(ml, ("like", "rating"), fit_rows=sp.train)
+        return data.take(sp.train), data.take(sp.test)
     else:
         from mtl.spec import unknown
 

@@ -59,8 +59,8 @@ class TaskSpec:
             )
         if self.kind not in TASK_KINDS:
             raise unknown(f"task {self.name!r} kind", self.kind, TASK_KINDS)
-        if int(self.size) < 1:
-            raise ValueError(f"task {self.name!r} size: {self.size} must be >= 1")
+        object.__setattr__(self, "size", integer(f"task {self.name!r} size", self.size, 1))
+        object.__setattr__(self, "weight", _weight(f"task {self.name!r} weight", self.weight))
         if self.kind in ("binary", "regression", "retrieval") and self.size != 1:
             raise ValueError(
                 f"task {self.name!r} size: {self.kind} tasks have size 1, got {self.size}"
@@ -72,8 +72,6 @@ class TaskSpec:
                 f"task {self.name!r} size: multilabel needs size >= 2, got 1; "
                 f"for one label use kind='binary'"
             )
-        if not float(self.weight) >= 0.0:
-            raise ValueError(f"task {self.name!r} weight: {self.weight} must be >= 0")
 
     @property
     def out_dim(self) -> int:
@@ -92,10 +90,10 @@ class FeatureSpec:
     def __post_init__(self) -> None:
         if self.kind not in FEATURE_KINDS:
             raise unknown(f"feature {self.name!r} kind", self.kind, FEATURE_KINDS)
-        if int(self.dim) < 1:
-            raise ValueError(f"feature {self.name!r} dim: {self.dim} must be >= 1")
-        if int(self.embed_dim) < 1:
-            raise ValueError(f"feature {self.name!r} embed_dim: {self.embed_dim} must be >= 1")
+        object.__setattr__(self, "dim", integer(f"feature {self.name!r} dim", self.dim, 1))
+        object.__setattr__(
+            self, "embed_dim", integer(f"feature {self.name!r} embed_dim", self.embed_dim, 1)
+        )
 
 
 def task_names(tasks: Sequence[TaskSpec]) -> tuple[str, ...]:
@@ -121,10 +119,7 @@ def resolve_weights(
         )
     out = []
     for t in tasks:
-        w = float(weights.get(t.name, t.weight))
-        if not w >= 0.0:
-            raise ValueError(f"weights[{t.name!r}]: {w} must be >= 0")
-        out.append(w)
+        out.append(_weight(f"weights[{t.name!r}]", weights.get(t.name, t.weight)))
     return tuple(out)
 
 
@@ -144,3 +139,25 @@ def integer(field: str, value: Any, minimum: int | None = None, hint: str = "") 
     if minimum is not None and value < minimum:
         raise ValueError(f"{field}: {value!r} must be >= {minimum}{hint}")
     return int(value)
+
+
+def real(field: str, value: Any, hint: str = "") -> float:
+    """``value`` as a float, or a ValueError naming ``field``: a bool, a string (even '0.3'), None
+    or anything else that is not a real number is refused, never parsed, and so are NaN and inf
+    (``hint`` follows the message: what the field means or its range)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(
+        value, int | float | np.integer | np.floating
+    ):
+        what = "a bool" if isinstance(value, bool | np.bool_) else type(value).__name__
+        raise ValueError(f"{field}: {value!r} must be a real number, not {what}{hint}")
+    if not np.isfinite(value):
+        raise ValueError(f"{field}: {value!r} must be a finite number{hint}")
+    return float(value)
+
+
+def _weight(field: str, value: Any) -> float:
+    """A loss weight λ: a finite real number >= 0."""
+    w = real(field, value, "; pass a number >= 0 such as 1.0")
+    if w < 0.0:
+        raise ValueError(f"{field}: {value!r} must be >= 0")
+    return w

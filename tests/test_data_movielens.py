@@ -136,8 +136,21 @@ def test_grouplens_1m_parses(tmp_path):
     assert ds.task_specs[0].size == 18 and "genres" not in ds.features
 
 
-def test_tfds_source_with_mock_data():
+def whole_stars(monkeypatch, tfds) -> None:
+    """The TFDS mock draws ratings in [0, 1), which the loader refuses (MovieLens has whole stars
+    1-5): give mocked record k the rating 1 + k % 5."""
+    mocked = tfds.data_source
+
+    def data_source(*args, **kwargs):
+        src = mocked(*args, **kwargs)
+        return [{**src[k], "user_rating": np.float32(1 + k % 5)} for k in range(len(src))]
+
+    monkeypatch.setattr(tfds, "data_source", data_source)
+
+
+def test_tfds_source_with_mock_data(monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
+    whole_stars(monkeypatch, tfds)
     with tfds.testing.mock_data(num_examples=12):
         ml = M.load_movielens("100k", source="tfds")
     assert ml.source == "tfds" and len(ml) == 12

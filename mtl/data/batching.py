@@ -16,13 +16,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl.spec import FeatureSpec, TaskSpec, task_names
+from mtl.spec import FeatureSpec, TaskSpec, integer, task_names
 
 Array = Any  # np.ndarray on the host, jax.Array after ``to_device``
 
 
 def _first_bad(mask_N: np.ndarray) -> int:
     return int(np.flatnonzero(mask_N.reshape(mask_N.shape[0], -1).any(-1))[0])
+
+
+def _numeric(x: np.ndarray) -> bool:
+    return np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_
+
+
+def _host(field: str, value: Any) -> np.ndarray:
+    """``value`` (np.ndarray, jax.Array, list, ...) as a numpy array on the host."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{field}: cannot be made an array ({e}); pass an np.ndarray with one row per example"
+        ) from None
 
 
 def _check_feature(spec: FeatureSpec, x: np.ndarray, n: int) -> np.ndarray:
@@ -42,6 +56,10 @@ def _check_feature(spec: FeatureSpec, x: np.ndarray, n: int) -> np.ndarray:
         return x.astype(np.int32, copy=False)
     if x.ndim != 2 or x.shape[1] != spec.dim:
         raise ValueError(f"{where}: shape {x.shape}, expected [{n}, {spec.dim}]; fix dim or array")
+    if not _numeric(x):
+        raise ValueError(
+            f"{where}: dtype {x.dtype}, expected numbers; convert the values to floats"
+        )
     x = x.astype(np.float32, copy=False)
     lo, hi = (x.min(), x.max()) if x.size else (0.0, 0.0)  # NaN/inf show up here, no temporaries
     if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -75,6 +93,10 @@ def _check_label(task: TaskSpec, y: np.ndarray, n: int) -> np.ndarray:
             i = _first_bad(bad)
             raise ValueError(f"{where}: id {int(y[i])} out of range [0, {hi}) at row {i}")
         return y.astype(np.int32, copy=False)
+    if not _numeric(y):
+        raise ValueError(
+            f"{where}: dtype {y.dtype}, expected numbers; convert the labels to floats"
+        )
     y = y.astype(np.float32, copy=False)
     bad = ~np.isfinite(y)
     if bad.any():
@@ -92,7 +114,11 @@ def _check_label(task: TaskSpec, y: np.ndarray, n: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Rows of features and labels as arrays [n, ...], with the specs that describe them."""
+    """Rows of features and labels as arrays [n, ...], with the specs that describe them.
+
+    The constructor takes any array-like leaves (np.ndarray, jax.Array, lists), converts each to
+    numpy on the host with ``np.asarray`` and checks it against its spec (shapes, dtypes, id
+    ranges, 0/1 labels, NaN/inf); ``to_device`` then makes the device copy used for batching."""
 
     features: dict[str, Array]
     labels: dict[str, Array]
@@ -119,14 +145,16 @@ class Dataset:
         extra = sorted(set(self.masks) - set(names))
         if extra:
             raise ValueError(f"masks: keys {extra} are not tasks; tasks are {list(names)}")
+        for field in ("features", "labels", "masks"):
+            d = getattr(self, field)
+            object.__setattr__(self, field, {k: _host(f"{field}[{k!r}]", v) for k, v in d.items()})
         leaves = {**self.features, **self.labels, **self.masks}
-        sizes = {k: int(np.shape(v)[0]) if np.ndim(v) else -1 for k, v in leaves.items()}
+        sizes = {k: int(v.shape[0]) if v.ndim else -1 for k, v in leaves.items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(
                 f"rows: arrays disagree on the number of rows: {sizes}; give each one row per example"
             )
-        if all(isinstance(v, np.ndarray) for v in leaves.values()):
-            self._check_host()
+        self._check_host()
 
     def _check_host(self) -> None:
         n = len(self)
@@ -134,8 +162,8 @@ class Dataset:
         labels = {t.name: _check_label(t, self.labels[t.name], n) for t in self.task_specs}
         masks = {}
         for k, m in self.masks.items():
-            m = m.astype(np.float32, copy=False)
-            if m.shape != (n,) or not np.all((m >= 0.0) & (m <= 1.0)):
+            m = m.astype(np.float32, copy=False) if _numeric(m) else m
+            if not _numeric(m) or m.shape != (n,) or not np.all((m >= 0.0) & (m <= 1.0)):
                 raise ValueError(f"masks[{k!r}]: expected shape [{n}] with values in [0, 1]")
             masks[k] = m
         object.__setattr__(self, "features", feats)
@@ -146,11 +174,31 @@ class Dataset:
         return int(np.shape(next(iter(self.labels.values())))[0])
 
     def take(self, idx_N: Sequence[int] | np.ndarray) -> Dataset:
-        """The rows ``idx_N`` (e.g. one side of a split), same specs."""
-        idx_N = np.asarray(idx_N, dtype=np.int64)
-        if idx_N.size and (idx_N.min() < 0 or idx_N.max() >= len(self)):
-            raise ValueError(f"idx_N: indices must lie in [0, {len(self)}); got {idx_N.min()}..")
-        pick = lambda d: {k: v[idx_N] for k, v in d.items()}
+        """The rows ``idx_N`` (e.g. one side of a split), same specs: integer row indices in
+        [0, len), or a boolean mask with one entry per row (the rows where it is True)."""
+        n = len(self)
+        idx = np.asarray(idx_N)
+        if idx.dtype == np.bool_:
+            if idx.shape != (n,):
+                raise ValueError(
+                    f"idx_N: a boolean mask of shape {idx.shape}; a mask needs shape [{n}], one "
+                    f"entry per row; pass such a mask or integer row indices"
+                )
+            idx = np.flatnonzero(idx)
+        elif idx.size == 0:
+            idx = idx.astype(np.int64)  # [] has dtype float64 and selects nothing
+        elif not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(
+                f"idx_N: dtype {idx.dtype} (e.g. {idx.reshape(-1)[0].item()!r}): row indices must be "
+                f"integers (floats are not truncated); pass integer row indices in [0, {n}) or a "
+                f"boolean mask of shape [{n}]"
+            )
+        if idx.ndim != 1:
+            raise ValueError(f"idx_N: shape {idx.shape}; pass a 1-D array of row indices")
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = idx[(idx < 0) | (idx >= n)][0]
+            raise ValueError(f"idx_N: index {bad} out of range; indices must lie in [0, {n})")
+        pick = lambda d: {k: v[idx] for k, v in d.items()}
         return self._trusted(pick(self.features), pick(self.labels), pick(self.masks))
 
     def _trusted(self, features: dict, labels: dict, masks: dict) -> Dataset:
@@ -175,11 +223,10 @@ class Dataset:
         return self._trusted(t["features"], t["labels"], t["masks"])
 
 
-def _check_batch_size(ds: Dataset, batch_size: int) -> None:
+def _check_batch_size(ds: Dataset, batch_size: int) -> int:
     if len(ds) == 0:
         raise ValueError("dataset: 0 rows (empty split?); check the split fractions and the data")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size: {batch_size} must be >= 1")
+    return integer("batch_size", batch_size, 1)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "shuffle"))
@@ -196,16 +243,16 @@ def _batches(tree: Mapping[str, Any], key: jax.Array, batch_size: int, shuffle: 
 
 def epoch_batches(dataset: Dataset, batch_size: int, key: jax.Array) -> dict[str, Any]:
     """One shuffled epoch as a pytree of [S, B, ...] leaves plus ``valid`` [S, B] (0 on padding)."""
-    _check_batch_size(dataset, batch_size)
-    return _batches(dataset.tree(), key, int(batch_size), True)
+    return _batches(dataset.tree(), key, _check_batch_size(dataset, batch_size), True)
 
 
 def eval_batches(dataset: Dataset, batch_size: int) -> dict[str, Any]:
     """All rows in order as a pytree of [S, B, ...] leaves plus ``valid`` [S, B] (0 on padding)."""
-    _check_batch_size(dataset, batch_size)
-    return _batches(dataset.tree(), jax.random.key(0), int(batch_size), False)
+    return _batches(
+        dataset.tree(), jax.random.key(0), _check_batch_size(dataset, batch_size), False
+    )
 
 
 def num_batches(n: int, batch_size: int) -> int:
     """S = ceil(n / B)."""
-    return -(-int(n) // int(batch_size))
+    return -(-integer("n", n, 0) // integer("batch_size", batch_size, 1))

@@ -24,7 +24,7 @@ import numpy as np
 
 from mtl.data import fetch
 from mtl.data.batching import Dataset
-from mtl.spec import FeatureSpec, TaskSpec, unknown
+from mtl.spec import FeatureSpec, TaskSpec, integer, real, unknown
 
 COLUMNS = (
     "age", "class_worker", "det_ind_code", "det_occ_code", "education", "wage_per_hour",
@@ -100,12 +100,19 @@ def _read(path: Path) -> tuple[int, dict[str, np.ndarray], dict[str, tuple[np.nd
 
 
 def census_tasks(names: str | Sequence[str] = "group1") -> tuple[TaskSpec, ...]:
-    """Binary TaskSpecs for a group name (GROUPS) or task names (TASKS)."""
+    """Binary TaskSpecs for a group name passed alone (GROUPS) or a sequence of task names (TASKS)."""
     if isinstance(names, str):
+        if names not in TASKS and names not in GROUPS:
+            raise unknown("task", names, TASKS + tuple(GROUPS))
         names = GROUPS.get(names, (names,))
     for n in names:
+        if n in GROUPS:
+            raise ValueError(
+                f"task: {n!r} is a group name inside a sequence; group names are passed alone, "
+                f"e.g. tasks={n!r}, or list its tasks: tasks={GROUPS[n]}"
+            )
         if n not in TASKS:
-            raise unknown("task", n, TASKS + tuple(GROUPS))
+            raise unknown("task", n, TASKS)
     return tuple(TaskSpec(n, "binary") for n in names)
 
 
@@ -124,9 +131,15 @@ def load_census(
     task_specs = census_tasks(tasks)
     if val_from not in VAL_FROM:
         raise unknown("val_from", val_from, VAL_FROM)
-    frac = (0.5 if val_from == "test" else 0.1) if val_fraction is None else float(val_fraction)
+    hint = "; pass a fraction in (0, 1) such as 0.5, or None for the default"
+    frac = (
+        (0.5 if val_from == "test" else 0.1)
+        if val_fraction is None
+        else real("val_fraction", val_fraction, hint)
+    )
     if not 0.0 < frac < 1.0:
-        raise ValueError(f"val_fraction: {val_fraction} must lie in (0, 1)")
+        raise ValueError(f"val_fraction: {val_fraction} must lie in (0, 1){hint}")
+    seed = integer("seed", seed)
     d = (
         Path(path)
         if path is not None

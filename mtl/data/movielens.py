@@ -13,8 +13,13 @@ zip code: 1 + digit, 0 when not a digit, e.g. Canadian codes), ``genres`` (multi
 18 for 1M), ``year`` (release year bucketized by decade: 0 unknown, 1 before 1930, 2..8 the 1930s
 to the 1990s, 9 from 2000), ``title`` (hashed bag of lower-cased title words, crc32 mod
 ``title_buckets``, counts; the trailing "(year)" is removed) and ``timestamp`` (standardized with
-the mean and std of all loaded ratings). Memory: ``title`` is [N, title_buckets] float32, 4.1 GB
-for ML-1M at 1024 buckets (a shuffled epoch on device doubles it); title_buckets=256 quarters it.
+the mean and std of the rows ``fit_rows`` given to ``movielens_dataset``: pass the training rows so
+that val/test times do not shape the feature; by default (None) all loaded ratings, val and test
+included). Memory: ``title`` is [N, title_buckets] float32, 4.1 GB for ML-1M at 1024 buckets (a
+shuffled epoch on device doubles it); title_buckets=256 quarters it.
+
+Ratings must be finite and in [1, 5] (100K and 1M have whole stars 1-5); each user and item id
+appears once in its table. Both are checked on load, with the file and line of the first bad row.
 
 Tasks: ``like`` (rating >= 4, binary), ``rating`` (1-5, regression), ``genre`` (the item's genres,
 multilabel) and ``retrieval`` (label = item id). When ``genre`` is a task, the ``genres`` feature is
@@ -34,7 +39,7 @@ import numpy as np
 
 from mtl.data import fetch
 from mtl.data.batching import Dataset
-from mtl.spec import FeatureSpec, TaskSpec, unknown
+from mtl.spec import FeatureSpec, TaskSpec, integer, unknown
 
 VERSIONS = ("100k", "1m")
 SOURCES = ("auto", "tfds", "grouplens", "recbole")
@@ -63,6 +68,7 @@ OCCUPATIONS = {
         "writer",
     ),
 }  # fmt: skip
+RATINGS = (1.0, 5.0)  # the range of a rating in 100K and 1M (whole stars)
 AGE_EDGES = (18, 25, 35, 45, 50, 56)  # bucket = number of edges <= age (the TFDS buckets)
 YEAR_EDGES = (1930, 1940, 1950, 1960, 1970, 1980, 1990, 2000)
 TFDS_GENRES = (
@@ -161,6 +167,24 @@ def _year(text: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def _put(
+    table: dict[str, tuple],
+    first: dict[str, int],
+    what: str,
+    key: str,
+    row: tuple,
+    path: Path,
+    lineno: int,
+) -> None:
+    """``table[key] = row``; an id already in the table is an error naming both lines."""
+    if key in table:
+        raise ValueError(
+            f"{path}:{lineno}: duplicate {what} id {key!r}, already on line {first[key]}; each "
+            f"{what} must appear once: remove or merge the repeated row"
+        )
+    table[key], first[key] = row, lineno
+
+
 def _index(
     raw: Sequence[str], ids: np.ndarray, path: Path, lines: Sequence[int], what: str
 ) -> np.ndarray:
@@ -199,6 +223,15 @@ def _build(
 ) -> MovieLens:
     user_ids, item_ids = _sort_ids(users), _sort_ids(items)
     u_raw, i_raw, rating, ts = ratings
+    rating_N = np.asarray(rating, np.float64)
+    bad = ~((rating_N >= RATINGS[0]) & (rating_N <= RATINGS[1]))  # NaN is bad too
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{ratings_path}:{lines[j]}: rating {rating[j]!r} is not a number in "
+            f"[{RATINGS[0]:g}, {RATINGS[1]:g}] (MovieLens {version} has whole stars 1-5); "
+            f"{int(bad.sum())} such row(s): fix or drop them"
+        )
     ucols = list(zip(*(users[k] for k in user_ids.tolist()))) or [(), (), (), ()]
     icols = list(zip(*(items[k] for k in item_ids.tolist()))) or [(), (), ()]
     g = len(GENRES[version])
@@ -207,7 +240,7 @@ def _build(
         source=source,
         user_N=_index(u_raw, user_ids, ratings_path, lines, "user"),
         item_N=_index(i_raw, item_ids, ratings_path, lines, "item"),
-        rating_N=np.asarray(rating, np.float32),
+        rating_N=rating_N.astype(np.float32),
         timestamp_N=np.asarray(ts, np.int64),
         user_ids=user_ids,
         age_U=np.asarray(ucols[0], np.int32),
@@ -262,15 +295,16 @@ def read_grouplens(path: str | os.PathLike, version: str = "100k") -> MovieLens:
     _require(d, GROUPLENS_FILES[version], version)
     users: dict[str, tuple[int, int, str, str]] = {}
     items: dict[str, tuple[str, int, np.ndarray]] = {}
+    ulines: dict[str, int] = {}
+    ilines: dict[str, int] = {}
     if version == "100k":
         p = d / "u.user"
         for lineno, line in _lines(p):
             uid, age, gender, occ, zc = _fields(
                 p, lineno, line, "|", 5, "id|age|gender|occupation|zip"
             )
-            users[str(_int(p, lineno, "user id", uid))] = (
-                _int(p, lineno, "age", age), _gender(p, lineno, gender), occ, zc,
-            )  # fmt: skip
+            row = (_int(p, lineno, "age", age), _gender(p, lineno, gender), occ, zc)
+            _put(users, ulines, "user", str(_int(p, lineno, "user id", uid)), row, p, lineno)
         p = d / "u.item"
         for lineno, line in _lines(p):
             f = _fields(p, lineno, line, "|", 24, "id|title|date|video date|url|19 genre flags")
@@ -278,9 +312,8 @@ def read_grouplens(path: str | os.PathLike, version: str = "100k") -> MovieLens:
             if any(x not in ("0", "1") for x in flags):
                 raise ValueError(f"{p}:{lineno}: malformed row, genre flags {flags} are not 0/1")
             title = f[1]
-            items[str(_int(p, lineno, "item id", f[0]))] = (
-                title, _year(f[2]) or _year(title), np.asarray(flags, np.float32),
-            )  # fmt: skip
+            row = (title, _year(f[2]) or _year(title), np.asarray(flags, np.float32))
+            _put(items, ilines, "item", str(_int(p, lineno, "item id", f[0])), row, p, lineno)
         ratings, lines = _read_ratings(d / "u.data", "\t")
         return _build(version, "grouplens", ratings, lines, d / "u.data", users, items)
     p = d / "users.dat"
@@ -292,15 +325,13 @@ def read_grouplens(path: str | os.PathLike, version: str = "100k") -> MovieLens:
         k = _int(p, lineno, "occupation", occ)
         if not 0 <= k < len(occupations):
             raise ValueError(f"{p}:{lineno}: occupation {k} out of range [0, {len(occupations)})")
-        users[str(_int(p, lineno, "user id", uid))] = (
-            _int(p, lineno, "age", age), _gender(p, lineno, gender), occupations[k], zc,
-        )  # fmt: skip
+        row = (_int(p, lineno, "age", age), _gender(p, lineno, gender), occupations[k], zc)
+        _put(users, ulines, "user", str(_int(p, lineno, "user id", uid)), row, p, lineno)
     p = d / "movies.dat"
     for lineno, line in _lines(p):
         mid, title, genres = _fields(p, lineno, line, "::", 3, "id::title::genres")
-        items[str(_int(p, lineno, "item id", mid))] = (
-            title, _year(title), _genre_row(genres.split("|"), version, p, lineno),
-        )  # fmt: skip
+        row = (title, _year(title), _genre_row(genres.split("|"), version, p, lineno))
+        _put(items, ilines, "item", str(_int(p, lineno, "item id", mid)), row, p, lineno)
     ratings, lines = _read_ratings(d / "ratings.dat", "::")
     return _build(version, "grouplens", ratings, lines, d / "ratings.dat", users, items)
 
@@ -331,6 +362,8 @@ def read_recbole(path: str | os.PathLike, version: str = "100k") -> MovieLens:
     _require(d, RECBOLE_FILES[version], version)
     users: dict[str, tuple[int, int, str, str]] = {}
     items: dict[str, tuple[str, int, np.ndarray]] = {}
+    ulines: dict[str, int] = {}
+    ilines: dict[str, int] = {}
     p = d / user
     cols, width = _header(p, ("user_id", "age", "gender", "occupation", "zip_code"))
     for lineno, line in _lines(p, skip=1):
@@ -338,9 +371,8 @@ def read_recbole(path: str | os.PathLike, version: str = "100k") -> MovieLens:
         uid, age, gender, occ, zc = (f[c] for c in cols)
         if version == "1m" and occ.isdigit():
             occ = OCCUPATIONS["1m"][int(occ)] if int(occ) < len(OCCUPATIONS["1m"]) else occ
-        users[str(_int(p, lineno, "user id", uid))] = (
-            _int(p, lineno, "age", age), _gender(p, lineno, gender), occ, zc,
-        )  # fmt: skip
+        row = (_int(p, lineno, "age", age), _gender(p, lineno, gender), occ, zc)
+        _put(users, ulines, "user", str(_int(p, lineno, "user id", uid)), row, p, lineno)
     p = d / item
     cols, width = _header(
         p, ("item_id", "movie_title", "release_year", "class"), {"genre": "class"}
@@ -348,11 +380,8 @@ def read_recbole(path: str | os.PathLike, version: str = "100k") -> MovieLens:
     for lineno, line in _lines(p, skip=1):
         f = _fields(p, lineno, line, "\t", width, "see header")
         iid, title, year, genres = (f[c] for c in cols)
-        items[str(_int(p, lineno, "item id", iid))] = (
-            title,
-            _year(year) or _year(title),
-            _genre_row(genres.split(), version, p, lineno),
-        )
+        row = (title, _year(year) or _year(title), _genre_row(genres.split(), version, p, lineno))
+        _put(items, ilines, "item", str(_int(p, lineno, "item id", iid)), row, p, lineno)
     p = d / inter
     cols, width = _header(p, ("user_id", "item_id", "rating", "timestamp"))
     ratings, lines = _read_ratings(p, "\t", skip=1, cols=cols, n=width)
@@ -470,6 +499,7 @@ def load_movielens(
 
 def hashed_bag(texts: Sequence[str], buckets: int = 1024) -> np.ndarray:
     """[len(texts), buckets] counts of lower-cased [a-z0-9]+ words at crc32(word) % buckets."""
+    buckets = integer("buckets", buckets, 1)
     out = np.zeros((len(texts), buckets), np.float32)
     for row, text in enumerate(texts):
         for w in _WORD.findall(_YEAR_IN_TITLE.sub("", text).lower()):
@@ -512,6 +542,7 @@ def item_features(
     ml: MovieLens, title_buckets: int = 1024
 ) -> tuple[dict[str, np.ndarray], tuple[FeatureSpec, ...]]:
     """Per-item features [I, ...] and their specs (also the candidate table for retrieval)."""
+    title_buckets = integer("title_buckets", title_buckets, 1)
     year = np.where(ml.year_I > 0, 1 + _bucket(ml.year_I, YEAR_EDGES), 0).astype(np.int32)
     feats = {
         "item_id": np.arange(ml.num_items, dtype=np.int32),
@@ -523,7 +554,7 @@ def item_features(
         FeatureSpec("item_id", "categorical", max(ml.num_items, 1)),
         FeatureSpec("genres", "multihot", ml.genres_IxG.shape[1]),
         FeatureSpec("year", "categorical", len(YEAR_EDGES) + 2),
-        FeatureSpec("title", "multihot", int(title_buckets)),
+        FeatureSpec("title", "multihot", title_buckets),
     )
     return feats, specs
 
@@ -547,33 +578,57 @@ def movielens_tasks(
     return tuple(specs[n] for n in names)
 
 
+def _rows(field: str, rows: np.ndarray, n: int) -> np.ndarray:
+    """``rows`` as a non-empty 1-D array of integer row indices in [0, n)."""
+    idx = np.asarray(rows)
+    if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(
+            f"{field}: got {idx.dtype} array of shape {idx.shape}; pass a non-empty 1-D array of "
+            f"integer row indices, e.g. the training rows split.train (a boolean mask m: "
+            f"np.flatnonzero(m))"
+        )
+    if idx.min() < 0 or idx.max() >= n:
+        bad = idx[(idx < 0) | (idx >= n)][0]
+        raise ValueError(f"{field}: row {bad} out of range; indices must lie in [0, {n})")
+    return idx
+
+
 def movielens_dataset(
     ml: MovieLens,
     tasks: Sequence[str] = ("like", "rating"),
     *,
     features: Sequence[str] | None = None,
     title_buckets: int = 1024,
+    fit_rows: np.ndarray | None = None,
 ) -> Dataset:
-    """One row per rating: ``features`` (default all but ``genres`` when ``genre`` is a task) and
-    labels for ``tasks``."""
+    """One row per rating: ``features`` (one name or a sequence; default all but ``genres`` when
+    ``genre`` is a task) and labels for ``tasks``.
+
+    ``fit_rows``: the rows (integer indices into the ratings) whose mean and std standardise the
+    ``timestamp`` feature; pass the training rows (``split.train``) so that val/test times do not
+    shape it. None uses all rows, val and test included."""
     task_specs = movielens_tasks(tasks, ml.version)
     names = [t.name for t in task_specs]
+    title_buckets = integer("title_buckets", title_buckets, 1)
     if features is None:
         features = [f for f in FEATURES if not (f == "genres" and "genre" in names)]
+    elif isinstance(features, str):
+        features = (features,)
     for f in features:
         if f not in FEATURES:
             raise unknown("feature", f, FEATURES)
     if "genre" in names and "genres" in features:
         raise ValueError("features: 'genres' is the label of task 'genre'; drop it from features")
+    ts = ml.timestamp_N.astype(np.float64)
+    fit = ts if fit_rows is None else ts[_rows("fit_rows", fit_rows, len(ml))]
+    mean, std = (fit.mean(), fit.std()) if fit.size else (0.0, 1.0)
     ufeats, uspecs = user_features(ml)
     ifeats, ispecs = (
         item_features(ml, title_buckets) if set(features) & set(ITEM_FEATURES) else ({}, ())
     )
-    ts = ml.timestamp_N.astype(np.float64)
-    std = ts.std() if ts.size else 1.0
     rows = {k: v[ml.user_N] for k, v in ufeats.items() if k in features}
     rows |= {k: v[ml.item_N] for k, v in ifeats.items() if k in features}
-    rows["timestamp"] = ((ts - ts.mean()) / (std if std > 0 else 1.0)).astype(np.float32)[:, None]
+    rows["timestamp"] = ((ts - mean) / (std if std > 0 else 1.0)).astype(np.float32)[:, None]
     specs = {s.name: s for s in uspecs + ispecs + (FeatureSpec("timestamp", "dense", 1),)}
     labels = {
         "like": lambda: (ml.rating_N >= 4.0).astype(np.float32),

@@ -1,7 +1,9 @@
 """Train/val/test splits of a ratings table as sorted index arrays.
 
 random: rows shuffled with a seed (default 42, as in the TFRS tutorials), 80/20 by default.
-temporal: leave-last-out per user (last rating -> test, the one before -> val).
+temporal: leave-last-out per user (last rating -> test, the one before -> val). It is
+deterministic and has no sizes to choose: it takes no ``test_fraction`` or ``seed`` (``make_split``
+refuses them), and ``val_fraction`` only switches validation on (any value > 0) or off (0).
 cold_user / cold_item: a random share of users (items) is held out with all its ratings, so a
 test user (item) never appears in train; validation users (items) are carved from the train ones
 and are likewise absent from train.
@@ -13,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mtl.spec import unknown
+from mtl.spec import integer, real, unknown
 
 SPLITS = ("random", "temporal", "cold_user", "cold_item")
 
@@ -27,9 +29,10 @@ class Split(NamedTuple):
 
 
 def _fraction(name: str, value: float) -> float:
-    if not 0.0 <= float(value) < 1.0:
+    v = real(name, value, "; pass a fraction in [0, 1) such as 0.2")
+    if not 0.0 <= v < 1.0:
         raise ValueError(f"{name}: {value} must lie in [0, 1)")
-    return float(value)
+    return v
 
 
 def _finish(
@@ -51,9 +54,10 @@ def random_split(
     n: int, test_fraction: float = 0.2, val_fraction: float = 0.0, seed: int = 42
 ) -> Split:
     """Shuffle rows with ``seed``; test = round(n·test_fraction); val = round(rest·val_fraction)."""
+    n = integer("n", n, 0)
     _fraction("test_fraction", test_fraction)
     _fraction("val_fraction", val_fraction)
-    perm = np.random.default_rng(seed).permutation(int(n))
+    perm = np.random.default_rng(integer("seed", seed)).permutation(n)
     n_test = _carve(n, test_fraction)
     rest = perm[n_test:]
     n_val = _carve(rest.size, val_fraction)
@@ -87,6 +91,7 @@ def cold_start_split(
     their rows; ``val_fraction`` of the remaining ids goes to val."""
     _fraction("test_fraction", test_fraction)
     _fraction("val_fraction", val_fraction)
+    seed = integer("seed", seed)
     entity_N = np.asarray(entity_N)
     ids = np.unique(entity_N)
     perm = np.random.default_rng(seed).permutation(ids)
@@ -109,19 +114,34 @@ def make_split(
     user_N: np.ndarray,
     item_N: np.ndarray,
     timestamp_N: np.ndarray | None = None,
-    test_fraction: float = 0.2,
+    test_fraction: float | None = None,
     val_fraction: float = 0.0,
-    seed: int = 42,
+    seed: int | None = None,
 ) -> Split:
-    """The split named ``kind`` (one of SPLITS) over a ratings table given as columns."""
-    if kind == "random":
-        return random_split(len(user_N), test_fraction, val_fraction, seed)
+    """The split named ``kind`` (one of SPLITS) over a ratings table given as columns.
+
+    random, cold_user, cold_item: ``test_fraction`` and ``val_fraction`` of the rows (users, items)
+    shuffled with ``seed``; None takes the default of ``random_split`` / ``cold_start_split`` (0.2,
+    42). temporal: each user's last rating is test and, when ``val_fraction`` > 0, the one before
+    is val (the value sets no size); it needs ``timestamp_N``, is deterministic, and refuses
+    ``test_fraction`` and ``seed`` (pass neither)."""
+    if kind not in SPLITS:
+        raise unknown("split kind", kind, SPLITS)
     if kind == "temporal":
+        for name, value, why in (
+            ("test_fraction", test_fraction, "each user's last rating is the test row"),
+            ("seed", seed, "the split is deterministic"),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"{name}: {value!r} given, but the temporal split takes no {name} ({why}); "
+                    f"omit {name} for kind='temporal'"
+                )
         if timestamp_N is None:
             raise ValueError("timestamp_N: the temporal split needs timestamps; pass timestamp_N")
-        return temporal_split(user_N, timestamp_N, val=val_fraction > 0)
-    if kind == "cold_user":
-        return cold_start_split(user_N, test_fraction, val_fraction, seed)
-    if kind == "cold_item":
-        return cold_start_split(item_N, test_fraction, val_fraction, seed)
-    raise unknown("split kind", kind, SPLITS)
+        return temporal_split(user_N, timestamp_N, val=_fraction("val_fraction", val_fraction) > 0)
+    given = {k: v for k, v in (("test_fraction", test_fraction), ("seed", seed)) if v is not None}
+    if kind == "random":
+        return random_split(len(user_N), val_fraction=val_fraction, **given)
+    entity_N = user_N if kind == "cold_user" else item_N
+    return cold_start_split(entity_N, val_fraction=val_fraction, **given)
