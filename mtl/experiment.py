@@ -6,6 +6,7 @@ signal handling and the command-line entry that turns user errors into one line 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -180,6 +181,55 @@ def memory_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+# the keys train_run reads; any other key is a typo (refused, never ignored)
+SPEC_KEYS = (
+    "name",
+    "model",
+    "model_kwargs",
+    "schedule",
+    "epochs",
+    "stages",
+    "batch_size",
+    "learning_rate",
+    "optimizer",
+    "weights",
+    "aggregator",
+    "aggregator_kwargs",
+    "aggregate_on",
+    "weighting",
+    "weighting_kwargs",
+    "order",
+    "probs",
+    "l1",
+    "l2",
+    "seed",
+    "nan_policy",
+    "log_every",
+    "eval_every",
+    "save_every",
+    "keep",
+    "early_stopping",
+    "compiler_options",
+)
+
+
+def _array_digest(x: np.ndarray) -> str:
+    x = np.ascontiguousarray(x)
+    return f"{x.dtype}{list(x.shape)} sha1 {hashlib.sha1(x.tobytes()).hexdigest()}"
+
+
+def data_digest(data: Dataset) -> str:
+    """sha1 of a data set's features and labels (names, dtypes, shapes and bytes): a checkpoint
+    is only resumed on the rows it was trained on."""
+    h = hashlib.sha1()
+    for part, arrays in (("features", data.features), ("labels", data.labels)):
+        for name in sorted(arrays):
+            x = np.ascontiguousarray(np.asarray(arrays[name]))
+            h.update(f"{part}/{name}/{x.dtype}/{x.shape}".encode())
+            h.update(x.tobytes())
+    return h.hexdigest()
+
+
 def train_run(
     spec: Mapping[str, Any],
     train: Dataset,
@@ -203,6 +253,9 @@ def train_run(
     from mtl.spec import unknown
 
     spec = dict(spec)
+    extra = sorted(set(spec) - set(SPEC_KEYS))
+    if extra:
+        raise unknown("spec key", extra[0], SPEC_KEYS)
     stop = stop if stop is not None else _STOP
     # fail fast, before the model is built: integers, schedule, stages and method names (the
     # stages' tasks and trainable parameters are checked by fit, before the first step)
@@ -267,9 +320,15 @@ def train_run(
     ckpt = None
     if rundir is not None:
         fp = trainer.fingerprint() | {
+            "model_kwargs": {
+                k: _array_digest(v) if isinstance(v, np.ndarray) else _plain(v)
+                for k, v in dict(spec.get("model_kwargs", {})).items()
+            },
+            "schedule": spec.get("schedule", "joint"),
             "data_seed": seed,
             "batch_size": batch_size,
             "train_rows": len(train),
+            "train_data": data_digest(train),
         }
         ckpt = Checkpointer(rundir.checkpoint_dir(name), fp, max_to_keep=keep)
 
@@ -318,13 +377,19 @@ def train_run(
     return record
 
 
-def add_delta_m(runs: list[dict], baseline: str = "single_task") -> None:
-    """Fill each run's Δm% against the first run whose model is ``baseline``."""
+def add_delta_m(runs: list[dict], baseline: str = "single_task", by_task: bool = False) -> None:
+    """Fill each run's Δm% (``metrics.delta_m``) against the first run whose model is
+    ``baseline``. A Δm% that cannot be computed (a baseline metric of 0) is left None with the
+    reason in ``delta_m_error`` and printed, so that the trained runs' results are still written."""
     base = next((r for r in runs if r["model"] == baseline), None)
     if base is None:
         return
     for r in runs:
-        r["delta_m"] = M.delta_m(r["tasks"], base["tasks"])
+        try:
+            r["delta_m"] = M.delta_m(r["tasks"], base["tasks"], by_task=by_task)
+        except ValueError as e:
+            r["delta_m"], r["delta_m_error"] = None, str(e)
+            print(f"Δm% of {r.get('name', r['model'])}: not computed: {e}", file=sys.stderr)
 
 
 def public(record: Mapping) -> dict:

@@ -302,17 +302,22 @@ def delta_m(
     mtl: Mapping[str, Mapping[str, float]],
     stl: Mapping[str, Mapping[str, float]],
     higher_is_better: Mapping[str, bool] = HIGHER_IS_BETTER,
+    by_task: bool = False,
 ) -> float:
     """Δm% = mean over (task, metric) of s·(M_mtl − M_stl)/M_stl·100, s = +1 if higher is better
-    else −1 (Maninis et al. 2019). Every pair in ``mtl`` must be in ``stl``; extra stl pairs are
-    ignored."""
-    terms = []
+    else −1 (Maninis et al. 2019; over all metrics, as Nash-MTL, CAGrad and FAMO report it).
+    ``by_task=True``: the mean within each task first, then over tasks (LibMTL's Δp), so a task
+    with more metrics does not weigh more. Every pair in ``mtl`` must be in ``stl``; extra stl
+    pairs are ignored."""
+    terms: list[float] = []  # one per (task, metric)
+    task_means: list[float] = []  # one per task with metrics
     for task, metrics in mtl.items():
         if task not in stl:
             raise ValueError(
                 f"stl: task {task!r} is missing; stl has tasks {list(stl)} "
                 f"(give the single-task baseline for every task in mtl)"
             )
+        own = []
         for name, value in metrics.items():
             if name not in stl[task]:
                 raise ValueError(
@@ -332,7 +337,10 @@ def delta_m(
                     f"undefined; drop this metric from mtl or use a nonzero baseline"
                 )
             sign = 1.0 if higher_is_better[name] else -1.0
-            terms.append(sign * (float(value) - base) / base * 100.0)
+            own.append(sign * (float(value) - base) / base * 100.0)
+        terms += own
+        if own:
+            task_means.append(sum(own) / len(own))
     if not terms:
         raise ValueError("mtl: no (task, metric) pairs given; pass at least one metric")
-    return sum(terms) / len(terms)
+    return sum(task_means) / len(task_means) if by_task else sum(terms) / len(terms)

@@ -139,10 +139,33 @@ class TrainConfig:
     compiler_options: dict = dataclasses.field(default_factory=dict)
 
 
+# the TrainConfig fields a resumed run must share with the run that wrote the checkpoint
+_TRAJECTORY_FIELDS = (
+    "learning_rate",
+    "optimizer",
+    "weights",
+    "l1",
+    "l2",
+    "order",
+    "probs",
+    "aggregator",
+    "aggregator_kwargs",
+    "aggregate_on",
+    "weighting",
+    "weighting_kwargs",
+)
+
+
 class PerLeafState(NamedTuple):
     """The state of ``per_leaf(tx)``: one state of ``tx`` per parameter leaf, in leaf order."""
 
     leaves: list
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True when every element of every leaf is finite (no inf, no NaN): one fused reduction."""
+    flat = jnp.concatenate([g.reshape(-1) for g in jax.tree.leaves(tree)])
+    return jnp.isfinite(flat).all()
 
 
 def per_leaf(tx: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -296,6 +319,12 @@ class Trainer:
                 f"aggregator: {c.aggregator!r} needs shared parameters, but {type(model).__name__} has none; "
                 "use a hard-sharing or mixture model, or aggregator=None"
             )
+        if c.log_every and self.num_shared == 0:
+            raise ValueError(
+                f"log_every: {c.log_every} logs statistics of the tasks' gradients on the shared "
+                f"parameters, but {type(model).__name__} has none; use a hard-sharing or mixture "
+                "model, or log_every=0"
+            )
         self._template = (params, rest)
         self._masks: dict = {}  # stage_mask's cache
         opts = check_compiler_options(c.compiler_options)
@@ -328,7 +357,10 @@ class Trainer:
         )
 
     def fingerprint(self) -> dict:
-        """What a checkpoint must match to be restored into this trainer (shapes, tasks, options)."""
+        """What a checkpoint must match to be restored into this trainer: the model, tasks and
+        parameter shapes, the options that shape the trajectory (learning rate, optimizer, λ,
+        penalties, order, aggregator, weighting and their arguments) and the optimizer state's
+        layout."""
         params = self._template[0]
         shapes = {
             p: list(x.shape)
@@ -341,7 +373,8 @@ class Trainer:
             "model": self.model_name,
             "tasks": [dataclasses.asdict(t) for t in self.tasks],
             "params": shapes,
-            "config": {k: cfg[k] for k in ("optimizer", "aggregator", "aggregate_on", "weighting")},
+            # everything that shapes the trajectory (not nan_policy, log_every, compiler_options)
+            "config": {k: cfg[k] for k in _TRAJECTORY_FIELDS},
             # the optimizer state's layout (a checkpoint of another one cannot be restored)
             "opt_state": f"{layout} {hashlib.sha1(str(opt).encode()).hexdigest()[:12]}",
         }
@@ -556,8 +589,7 @@ class Trainer:
         # Checking the new parameters as well (an update that is non-finite from finite
         # gradients, e.g. a NaN learning rate) cost +15% per step at batch 256, so the runner
         # checks the state once per chunk instead (runner.fit, before it saves).
-        flat = jnp.concatenate([g.reshape(-1) for g in jax.tree.leaves(grads)])
-        grads_finite = jnp.isfinite(flat).all()
+        grads_finite = all_finite(grads)
         finite = jnp.isfinite(losses_T).all() & grads_finite
         ok = finite & ~state.halted
         updates, new_opt = self.tx.update(grads, state.opt_state, state.params)

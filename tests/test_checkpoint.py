@@ -143,3 +143,34 @@ def test_checkpoint_of_another_optimizer_state_layout_is_refused(data, tmp_path)
     with pytest.raises(CheckpointMismatch, match=r"opt_state: checkpoint has 'tree \w{12}', this "
                        r"run has 'per-leaf \w{12}'"):  # fmt: skip
         Checkpointer(tmp_path / "ck", tr.fingerprint()).restore(st)
+
+
+def test_a_study_rerun_resumes_only_the_same_run_on_the_same_rows(data, tmp_path):
+    """``train_run`` in a run directory restores a finished run only when everything that shapes
+    its trajectory matches: a changed learning rate, dropout or set of training rows (of the same
+    size) is refused by name instead of being evaluated as if it had been trained."""
+    from mtl.experiment import RunDir, train_run
+
+    rows = np.arange(len(data))
+    train, test = data.take(rows[:200]), data.take(rows[200:])
+    spec = {
+        "model": "shared_bottom",
+        "model_kwargs": {"trunk": (8,), "tower": (4,), "dropout": 0.1},
+    }
+    spec |= {"epochs": 1, "batch_size": 50, "learning_rate": 1e-2, "seed": 0, "name": "run"}
+    rundir = RunDir(tmp_path / "study")
+    first = train_run(spec, train, test, rundir=rundir, progress=False)
+    again = train_run(spec, train, test, rundir=rundir, progress=False)  # resumes: nothing to do
+    for a, b in zip(host(again["_state"].params), host(first["_state"].params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert again["tasks"] == first["tasks"]
+    other_rows = data.take(rows[100:300])  # as many rows, not the same ones
+    for change, field in (
+        ({"learning_rate": 0.5}, "config.learning_rate"),
+        ({"model_kwargs": spec["model_kwargs"] | {"dropout": 0.9}}, "model_kwargs.dropout"),
+        ({"l2": 1.0}, "config.l2"),
+    ):
+        with pytest.raises(CheckpointMismatch, match=field):
+            train_run(spec | change, train, test, rundir=rundir, progress=False)
+    with pytest.raises(CheckpointMismatch, match="train_data"):
+        train_run(spec, other_rows, test, rundir=rundir, progress=False)

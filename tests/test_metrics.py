@@ -333,6 +333,35 @@ def test_delta_m_hand_computed():
     assert math.isfinite(M.delta_m({"ctr": {"auc": jnp.float32(0.7)}}, stl))
 
 
+def test_delta_m_by_task_averages_within_each_task_first():
+    """LibMTL's Δp: (1/T) Σ_t (1/M_t) Σ_m s·(M − B)/B·100; a task with more metrics does not
+    weigh more (the flat mean over all pairs is the default)."""
+    mtl = {"like": {"auc": 0.707, "f1": 0.505, "accuracy": 0.606}, "rating": {"rmse": 1.1}}
+    stl = {"like": {"auc": 0.70, "f1": 0.50, "accuracy": 0.60}, "rating": {"rmse": 1.0}}
+    like = np.array([0.707, 0.505, 0.606]) / np.array([0.70, 0.50, 0.60]) - 1  # +1% each
+    rating = -(1.1 - 1.0) / 1.0  # 10% worse
+    assert M.delta_m(mtl, stl, by_task=True) == pytest.approx(100 * (like.mean() + rating) / 2)
+    assert M.delta_m(mtl, stl) == pytest.approx(100 * (like.sum() + rating) / 4)
+    assert M.delta_m(mtl, stl, by_task=True) == pytest.approx(-4.5)
+
+
+def test_add_delta_m_keeps_the_runs_when_a_baseline_metric_is_zero(capsys):
+    from mtl.experiment import add_delta_m
+
+    base = {"model": "single_task", "tasks": {"like": {"auc": 0.7, "precision": 0.0}}}
+    other = {
+        "model": "mmoe",
+        "name": "mmoe-joint",
+        "tasks": {"like": {"auc": 0.77, "precision": 0.2}},
+    }
+    fine = {"model": "mmoe", "tasks": {"like": {"auc": 0.77}}}
+    runs = [base, other, fine]
+    add_delta_m(runs)
+    assert other["delta_m"] is None and "['precision']: baseline is 0" in other["delta_m_error"]
+    assert fine["delta_m"] == pytest.approx(10.0)
+    assert "Δm% of mmoe-joint: not computed" in capsys.readouterr().err
+
+
 def test_delta_m_errors():
     stl = {"ctr": {"auc": 0.7, "mrr": 0.2, "mae": 0.0}}
     with pytest.raises(ValueError, match="'cvr'"):

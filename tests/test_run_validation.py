@@ -91,6 +91,10 @@ CASES = [
      "stages[0]: no 'epochs'; give every stage its number of epochs"),
     ("run stage epochs True", lambda c: run_with(schedule="staged", stages=[{"epochs": True}]),
      "stages[0].epochs: True must be an integer, not a bool; pass a whole number"),
+    ("run misspelt spec key", lambda c: run_with(lr=0.1),
+     "spec key: unknown value 'lr'; …valid: …learning_rate…"),
+    ("run misspelt epochs", lambda c: run_with(epoch=3),
+     "spec key: unknown value 'epoch'; did you mean 'epochs'…? valid: …"),
     ("run stages not a list", lambda c: run_with(schedule="staged", stages={"epochs": 1}),
      "stages: {'epochs': 1} must be a list of stages (mappings of Stage fields), e.g. …"),
 ]  # fmt: skip
