@@ -633,8 +633,10 @@ def _alone_us(fn: Callable[..., Any], *args: Any, repeats: int = 20) -> float:
 def _in_loop_us(fn: Callable[..., Any], *args: Any, length: int = 20, repeats: int = 10) -> float:
     """Median µs of ``fn(*args)`` inside a compiled loop of ``length`` iterations (no dispatch).
 
-    An optimization barrier ties the inputs to the loop carry, so XLA can neither hoist the call
-    out of the loop nor shrink it (the carry reads one element of the full result).
+    An optimization barrier ties the inputs to the loop carry, so XLA cannot hoist the call out
+    of the loop; the carry reads one element of the result. Use it for a single dot: XLA computes
+    a dot whole for that one element (the measured FLOP rates say so), but it would narrow an
+    elementwise op or a stack of results to the element read.
     """
 
     def run(*xs: Any) -> Any:

@@ -60,12 +60,26 @@ def flatten_task_grads(grads_T: PyTree) -> Array:
     return jnp.concatenate([_float(leaf).reshape(num_tasks, -1) for leaf in leaves], axis=1)
 
 
-def grad_norms(jacobian_TxP: Array) -> Array:
-    """norm_T[i] = ||g_i||_2, the size of task i's gradient on the shared parameters."""
-    jac_TxP = _float(jacobian_TxP)
+def _scaled(jac_TxP: Array) -> tuple[Array, Array]:
+    """(J with each row divided by its largest |entry|, those scales s_T); a zero or non-finite
+    row keeps scale 1. Squares of the scaled rows cannot overflow or underflow to 0 (float32
+    squares overflow from |g| ≈ 1.8e19, well inside a diverging run), and cosines and magnitude
+    ratios are the same for the scaled rows."""
+    s_T = jax.lax.stop_gradient(jnp.max(jnp.abs(jac_TxP), axis=-1))
+    s_T = jnp.where((s_T > 0) & jnp.isfinite(s_T), s_T, 1.0)
+    return jac_TxP / s_T[:, None], s_T
+
+
+def _norms(jac_TxP: Array) -> Array:
     sq_T = jnp.sum(jac_TxP * jac_TxP, axis=-1)
     pos_T = sq_T > 0
     return jnp.where(pos_T, jnp.sqrt(jnp.where(pos_T, sq_T, 1.0)), 0.0)  # NaN-free gradient at 0
+
+
+def grad_norms(jacobian_TxP: Array) -> Array:
+    """norm_T[i] = ||g_i||_2, the size of task i's gradient on the shared parameters."""
+    jac_TxP, s_T = _scaled(_float(jacobian_TxP))
+    return s_T * _norms(jac_TxP)
 
 
 def _cosine_from(jac_TxP: Array, norm_T: Array) -> Array:
@@ -77,8 +91,8 @@ def _cosine_from(jac_TxP: Array, norm_T: Array) -> Array:
 
 def cosine_matrix(jacobian_TxP: Array) -> Array:
     """cos_TxT[i, j] = <g_i, g_j> / (||g_i|| ||g_j||), and 0 where either gradient is zero."""
-    jac_TxP = _float(jacobian_TxP)
-    return _cosine_from(jac_TxP, grad_norms(jac_TxP))
+    jac_TxP, _ = _scaled(_float(jacobian_TxP))
+    return _cosine_from(jac_TxP, _norms(jac_TxP))
 
 
 def conflict(jacobian_TxP: Array) -> Array:
@@ -95,10 +109,11 @@ def conflict_rate(cosines_SxTxT: Array) -> Array:
 
 
 def _magnitude_from(norm_T: Array) -> Array:
-    """Magnitude similarity given row norms (1 where both norms are zero: equal magnitudes)."""
-    num_TxT = 2.0 * norm_T[:, None] * norm_T[None, :]
-    den_TxT = norm_T[:, None] ** 2 + norm_T[None, :] ** 2
-    return _safe_div(num_TxT, den_TxT, fill=1.0)
+    """Magnitude similarity given row norms, as 2r / (1 + r²) with r = min / max of the pair (no
+    squares of the norms, which overflow); 1 where both norms are zero: equal magnitudes."""
+    hi_TxT = jnp.maximum(norm_T[:, None], norm_T[None, :])
+    r_TxT = _safe_div(jnp.minimum(norm_T[:, None], norm_T[None, :]), hi_TxT, fill=1.0)
+    return 2.0 * r_TxT / (1.0 + r_TxT * r_TxT)
 
 
 def magnitude_similarity(jacobian_TxP: Array) -> Array:
@@ -158,9 +173,9 @@ def gate_utilisation(gates_TxBxE: Array, mask_B: Array | None = None) -> dict[st
 
 def summarize(jacobian_TxP: Array) -> dict[str, Array]:
     """{norms: ||g_i||, cosine: cos(g_i, g_j), conflict: [cos < 0], magnitude_similarity: GMS}."""
-    jac_TxP = _float(jacobian_TxP)
-    norm_T = grad_norms(jac_TxP)
-    cos_TxT = _cosine_from(jac_TxP, norm_T)
+    jac_TxP, s_T = _scaled(_float(jacobian_TxP))
+    cos_TxT = _cosine_from(jac_TxP, _norms(jac_TxP))
+    norm_T = s_T * _norms(jac_TxP)
     return {
         "norms": norm_T,
         "cosine": cos_TxT,

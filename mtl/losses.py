@@ -69,6 +69,8 @@ def in_batch_softmax(
     """mean −log softmax(s_b)_b: in-batch sampled softmax, positives on the diagonal."""
     del y_B
     labels_B = jnp.arange(logits_BxB.shape[0])
+    # at least float32: the -1e9 fill below is -inf in float16, and a padded row then gives NaN
+    logits_BxB = logits_BxB.astype(jnp.promote_types(logits_BxB.dtype, jnp.float32))
     if mask_B is not None:  # padded rows must not act as negatives either
         logits_BxB = jnp.where(mask_B[None, :] > 0, logits_BxB, -1e9)
     return softmax_cross_entropy(logits_BxB, labels_B, mask_B)

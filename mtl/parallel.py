@@ -14,6 +14,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mtl.spec import integer
+
 DATA = "data"
 
 
@@ -27,7 +29,7 @@ def initialize(
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A mesh over the first ``num_devices`` devices (default: all), one axis named 'data'."""
     devices = jax.devices()
-    n = len(devices) if num_devices is None else int(num_devices)
+    n = len(devices) if num_devices is None else integer("num_devices", num_devices, 1)
     if not 1 <= n <= len(devices):
         raise ValueError(
             f"num_devices: {num_devices} must lie in [1, {len(devices)}] (devices available)"

@@ -22,9 +22,10 @@ def _key(k) -> str:
 
 
 def path_of(kp) -> str:
-    """'encoder/embed/user_id/embedding' for a jax key path (the '.value' of nnx Variables dropped)."""
-    parts = [_key(k) for k in kp]
-    return "/".join(p for p in parts if p != "value")
+    """'encoder/embed/user_id/embedding' for a jax key path (the '.value' attribute of nnx
+    Variables dropped; a module or task named 'value' keeps its name)."""
+    variable = lambda k: isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"
+    return "/".join(_key(k) for k in kp if not variable(k))
 
 
 def paths(params) -> list[str]:
@@ -137,7 +138,14 @@ def tasks_mask(params, task_names: Sequence[str], ids: Sequence[int]):
 
 
 def shared_mask(params, task_names: Sequence[str]):
-    """True on leaves every task's loss can reach (the set per-task gradients are aggregated on)."""
+    """True on leaves no task owns: the set per-task gradients are aggregated on.
+
+    Ownership follows the path (``owner_of``), not reachability: a task's column in cross-stitch
+    and PLE (its slice of a stacked leaf) and ESMM's CTR tower belong to their task although the
+    other tasks' losses reach them too (through the stitch units, the upper-level gates, and
+    pCTCVR = pCTR·pCVR). Their per-task gradients are summed, not aggregated, and an alternating
+    step on another task leaves them alone.
+    """
     return _leaf_masks(params, lambda p, x: np.bool_(owner_of(p, task_names) == "shared"))
 
 

@@ -38,6 +38,20 @@ def test_grad_norms_match_numpy():
     np.testing.assert_allclose(analysis.grad_norms(jac), np.linalg.norm(jac, axis=1), rtol=1e-5)
 
 
+def test_statistics_of_huge_finite_gradients_match_numpy():
+    """|g| ~ 1e19-1e30 (a diverging run): float32 squares overflow, the statistics must not."""
+    rng = np.random.default_rng(7)
+    jac = (rng.normal(size=(3, 40)) * np.array([[1e19], [3e30], [1e-3]])).astype(np.float32)
+    ref = np.asarray(jac, np.float64)
+    out = analysis.summarize(jac)
+    np.testing.assert_allclose(out["norms"], np.linalg.norm(ref, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(analysis.grad_norms(jac), np.linalg.norm(ref, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(out["cosine"], _np_cosine(ref), atol=1e-5)
+    np.testing.assert_allclose(analysis.cosine_matrix(jac), _np_cosine(ref), atol=1e-5)
+    np.testing.assert_allclose(out["magnitude_similarity"], _np_gms(ref), atol=1e-6)
+    np.testing.assert_allclose(analysis.magnitude_similarity(jac), _np_gms(ref), atol=1e-6)
+
+
 def test_cosine_identical_and_negated():
     g = np.random.default_rng(1).normal(size=(50,)).astype(np.float32)
     cos = np.asarray(analysis.cosine_matrix(np.stack([g, 3.0 * g, -g])))

@@ -524,6 +524,27 @@ def test_mmoe_representation_feeds_representation_level_aggregation():
 
 
 # ---------------------------------------------------------------- partition convention
+def test_a_task_named_value_owns_its_tower_and_head():
+    """nnx's '.value' attribute is dropped from paths, a task (or module) named 'value' is not."""
+    feats, fspecs, _, _ = recsys_data(8)
+    tasks = (TaskSpec("value", "binary"), TaskSpec("like", "binary"))
+    model = nnx.eval_shape(lambda: build_model("shared_bottom", fspecs, tasks, trunk=(4,)))
+    params = nnx.state(model, nnx.Param)
+    owners = {p: partition.owner_of(p, ("value", "like")) for p in partition.paths(params)}
+    assert {o for p, o in owners.items() if p.startswith(("towers/value/", "heads/value/"))} == {
+        "value"
+    }
+    assert "towers/value/layers/0/kernel" in owners
+    shared = jax.tree.leaves(partition.shared_mask(params, ("value", "like")))
+    n_shared = sum(x.size for x, m in zip(jax.tree.leaves(params), shared, strict=True) if m)
+    renamed = (TaskSpec("click", "binary"), tasks[1])
+    other = nnx.state(
+        nnx.eval_shape(lambda: build_model("shared_bottom", fspecs, renamed, trunk=(4,))), nnx.Param
+    )
+    mask = jax.tree.leaves(partition.shared_mask(other, ("click", "like")))
+    assert n_shared == sum(x.size for x, m in zip(jax.tree.leaves(other), mask, strict=True) if m)
+
+
 def test_partition_classifies_parameters_and_alternating_keeps_other_task_bit_identical():
     from mtl.train import Stage, TrainConfig, Trainer
 

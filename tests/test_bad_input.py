@@ -138,6 +138,11 @@ CASES = [
                        TrainConfig(aggregator="pcgrad")), ValueError,
      "aggregator: 'pcgrad' needs shared parameters, but SingleTask has none; use a hard-sharing "
      "or mixture model, or aggregator=None"),
+    ("gradient logging without shared parameters", "log_every",
+     lambda c: Trainer(abstract("soft_sharing", trunk=(4,), tower=(2,)),
+                       TrainConfig(log_every=2)), ValueError,
+     "log_every: 2 logs statistics of the tasks' gradients on the shared parameters, but "
+     "SoftSharing has none; use a hard-sharing or mixture model, or log_every=0"),
     ("multiclass of one class", "task 'g' size", lambda c: TaskSpec("g", "multiclass", size=1),
      ValueError, "task 'g' size: multiclass needs size >= 2, got 1"),
     ("probs without sampled order", "probs",

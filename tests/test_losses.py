@@ -88,6 +88,9 @@ def test_in_batch_softmax_masks_padding_as_negatives():
     ss = s[:4, :4].astype(np.float64)
     ref = np.mean(-(np.diag(ss) - np.log(np.exp(ss).sum(1))))
     np.testing.assert_allclose(losses.in_batch_softmax(s, None, m), ref, rtol=1e-5)
+    # float16 logits: the padding fill must not become -inf (a padded row gave inf x 0 = NaN)
+    half = losses.in_batch_softmax(jnp.asarray(s, jnp.float16), None, m)
+    np.testing.assert_allclose(half, ref, rtol=2e-3)
 
 
 def test_all_masked_is_zero_not_nan():

@@ -101,3 +101,54 @@ def test_batch_size_not_divisible_by_devices_is_a_clear_error(data, mesh):
     with pytest.raises(ValueError, match="num_devices"):
         parallel.make_mesh(9)
     assert parallel.make_mesh(2).shape[parallel.DATA] == 2
+    with pytest.raises(ValueError, match=r"num_devices: 2.7 must be an integer.*pass 2 or 3"):
+        parallel.make_mesh(2.7)  # refused, not truncated to 2
+    with pytest.raises(ValueError, match="num_devices: True must be an integer, not a bool"):
+        parallel.make_mesh(True)
+
+
+def test_two_processes_train_and_evaluate_like_one_device(tmp_path):
+    """The multi-host path, really run: two processes on this machine, 2 CPU devices each, join
+    through ``parallel.initialize`` (``jax.distributed``, gloo collectives) and train and
+    evaluate on a data mesh over all 4 devices. Losses and metrics match one device."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from multihost_case import run
+
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    here = Path(__file__).parent
+    env = os.environ | {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
+    }
+    outs = [tmp_path / f"p{i}.json" for i in range(2)]
+    logs = [tmp_path / f"p{i}.log" for i in range(2)]  # files: a full pipe would block a worker
+    procs = []
+    for i, (out, log) in enumerate(zip(outs, logs, strict=True)):
+        with open(log, "w") as f:
+            cmd = [sys.executable, str(here / "multihost_worker.py"), f"localhost:{port}", str(i)]
+            procs.append(subprocess.Popen([*cmd, str(out)], env=env, stdout=f, stderr=f))
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log.read_text()[-3000:]
+    got = [json.loads(o.read_text()) for o in outs]
+    ref = run()  # one device of this process
+    for g in got:
+        assert (g["devices"], g["local_devices"]) == (4, 2)
+        np.testing.assert_allclose(g["losses"], ref["losses"], rtol=1e-5)
+        for task, metrics in ref["eval"].items():
+            for name, value in metrics.items():
+                np.testing.assert_allclose(g["eval"][task][name], value, rtol=1e-5, atol=1e-6)
