@@ -8,6 +8,8 @@ run resumed at any checkpointed step replays exactly the same batches.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,10 +20,12 @@ import numpy as np
 
 from mtl import metrics as M
 from mtl import parallel, partition
-from mtl.checkpoint import Checkpointer
+from mtl.checkpoint import Checkpointer, CheckpointMismatch
 from mtl.data.batching import Dataset, epoch_batches, eval_batches, num_batches
-from mtl.spec import integer
+from mtl.spec import integer, real
 from mtl.train import Stage, Trainer, TrainState
+
+log = logging.getLogger(__name__)
 
 
 class Divergence(FloatingPointError):
@@ -52,8 +56,15 @@ class EarlyStopping:
     ``"auto"`` (min for rmse, mse, mae and ``*loss``, e.g. log_loss; max otherwise). A score improves when it beats
     the best one by more than ``min_delta``. ``restore_best``: ``fit`` returns the state of the
     best evaluation instead of the last one (with a checkpointer it is also saved beside the run's
-    checkpoints, in ``<dir>-best``, so a resumed run still has it). Decisions are read off the
-    history, so a resumed run stops where the uninterrupted one would.
+    checkpoints, in ``<dir>-best``, so a resumed run still has it: exactly the best epoch's step;
+    a run that starts afresh refuses a ``<dir>-best`` left by an earlier run rather than delete
+    it). Decisions are read off the history, so a resumed run stops where the uninterrupted one
+    would.
+
+    A non-finite score (NaN, e.g. an AUC of a split without positives, or ±inf) never counts as
+    the best or as an improvement: the first finite score becomes the best, and a non-finite
+    evaluation counts as one without improvement. If no evaluation has a finite score, the best
+    epoch is None and ``fit`` returns the last state.
     """
 
     monitor: str | Callable[[dict], float]
@@ -63,17 +74,31 @@ class EarlyStopping:
     restore_best: bool = True
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.patience, int) and self.patience >= 1):
-            raise ValueError(f"early_stopping.patience: {self.patience!r} must be an int >= 1")
-        if self.mode not in ("auto", "max", "min"):
-            raise ValueError(f"early_stopping.mode: {self.mode!r} must be 'auto', 'max' or 'min'")
-        if not self.min_delta >= 0:
-            raise ValueError(f"early_stopping.min_delta: {self.min_delta!r} must be >= 0")
-        if isinstance(self.monitor, str) and self.monitor.count("/") != 1:
+        named = isinstance(self.monitor, str) and self.monitor.count("/") == 1
+        if not (named or callable(self.monitor)):
             raise ValueError(
                 f"early_stopping.monitor: {self.monitor!r} must be 'task/metric' or 'mean/metric' "
                 "(e.g. 'rating/rmse', 'mean/auc'), or a function of the evaluation dict"
             )
+        patience = integer("early_stopping.patience", self.patience)
+        if patience < 1:
+            raise ValueError(
+                f"early_stopping.patience: {self.patience!r} must be an int >= 1 (the number of "
+                "evaluations without improvement after which the run stops)"
+            )
+        object.__setattr__(self, "patience", patience)
+        if not isinstance(self.mode, str) or self.mode not in ("auto", "max", "min"):
+            raise ValueError(f"early_stopping.mode: {self.mode!r} must be 'auto', 'max' or 'min'")
+        hint = "; pass a number >= 0 such as 0.0 (how much a score must beat the best by)"
+        min_delta = real("early_stopping.min_delta", self.min_delta, hint)
+        if min_delta < 0:
+            raise ValueError(f"early_stopping.min_delta: {self.min_delta!r} must be >= 0{hint}")
+        object.__setattr__(self, "min_delta", min_delta)
+        if not isinstance(self.restore_best, bool | np.bool_):
+            raise ValueError(
+                f"early_stopping.restore_best: {self.restore_best!r} must be True or False"
+            )
+        object.__setattr__(self, "restore_best", bool(self.restore_best))
 
     def _sign(self) -> float:
         """+1 when higher is better, -1 when lower is."""
@@ -106,13 +131,14 @@ class EarlyStopping:
         return float(evaluation[task][metric])
 
     def status(self, history: Sequence[dict]) -> tuple[int | None, float, int]:
-        """(best epoch, its signed score, evaluations since it) over ``history``'s evaluations."""
+        """(best epoch, its signed score, evaluations since it) over ``history``'s evaluations;
+        non-finite scores are never the best (see the class docstring)."""
         best_epoch, best, since = None, -np.inf, 0
         for rec in history:
             if "eval" not in rec:
                 continue
             s = self._sign() * self.score(rec["eval"])
-            if best_epoch is None or s > best + self.min_delta:
+            if np.isfinite(s) and (best_epoch is None or s > best + self.min_delta):
                 best_epoch, best, since = rec["epoch"], s, 0
             else:
                 since += 1
@@ -188,13 +214,15 @@ def plan(stages: Sequence[Stage]) -> list[tuple[int, Stage]]:
 
 
 def _summarise(m: dict, names: Sequence[str]) -> dict:
-    """Means of a chunk's per-step metrics (host numpy) over its finite (not skipped) steps."""
+    """Means of a chunk's per-step metrics (host numpy) over its finite (not skipped) steps (NaN
+    when every step was skipped), with the number of steps and of finite steps."""
     ok = np.asarray(m["finite"], bool)
-    sel = ok if ok.any() else np.ones_like(ok)
+    mean = lambda x: float(np.mean(np.asarray(x)[ok])) if ok.any() else float("nan")
     out = {
-        "loss": float(np.mean(m["loss"][sel])),
-        "losses": {n: float(np.mean(m["losses"][sel, i])) for i, n in enumerate(names)},
-        "steps": int(m["loss"].shape[0]),
+        "loss": mean(m["loss"]),
+        "losses": {n: mean(np.asarray(m["losses"])[:, i]) for i, n in enumerate(names)},
+        "steps": int(ok.shape[0]),
+        "finite_steps": int(ok.sum()),
     }
     if "analysis" in m and np.any(m["logged"]):
         sel = np.asarray(m["logged"], bool)
@@ -203,6 +231,16 @@ def _summarise(m: dict, names: Sequence[str]) -> dict:
         out["analysis"]["cosine_steps"] = np.asarray(m["analysis"]["cosine"])[sel].tolist()
         out["analysis"]["logged_steps"] = int(sel.sum())
     return out
+
+
+def _epoch_mean(chunk_means: Sequence[float], finite_steps: Sequence[int]) -> float:
+    """The mean over an epoch's finite steps from its chunks' means: each chunk weighted by its
+    finite steps, chunks without one left out; NaN when every step of the epoch was skipped."""
+    w = np.asarray(finite_steps, float)
+    sel = w > 0
+    if not sel.any():
+        return float("nan")
+    return float(np.average(np.asarray(chunk_means, float)[sel], weights=w[sel]))
 
 
 def _grad_culprits(trainer: Trainer, state: TrainState, batch: dict, w_T: np.ndarray) -> list:
@@ -226,16 +264,26 @@ def _grad_culprits(trainer: Trainer, state: TrainState, batch: dict, w_T: np.nda
 
 
 @jax.jit
-def _all_finite(leaves: list) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+def _all_finite(parts: list) -> jax.Array:
+    """One flag per list of leaves: all of its values are finite."""
+    flag = lambda leaves: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+    return jnp.stack([flag(leaves) if leaves else jnp.asarray(True) for leaves in parts])
 
 
-def _state_finite(state: TrainState) -> bool:
-    """Whether the parameters and optimizer state hold finite values only. The step checks its
-    losses and gradients; an update can still make the state non-finite from finite ones (a NaN
-    learning rate, Adam with eps=0 on a zero gradient), so fit checks once per chunk."""
-    leaves = jax.tree.leaves((state.params, state.opt_state))
-    return bool(_all_finite([x for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]))
+_STATE_PARTS = ("params", "opt_state", "weighting", "aggregator")
+
+
+def _nonfinite_part(state: TrainState) -> str | None:
+    """The first of the parameters, optimizer, weighting and aggregator states that holds a
+    non-finite value (their floating leaves), or None. The step checks its losses and gradients;
+    an update can still make the state non-finite from finite ones (a NaN learning rate, Adam with
+    eps=0 on a zero gradient, a weighting's too large lr), so fit checks once per chunk."""
+    parts = [
+        [x for x in jax.tree.leaves(getattr(state, p)) if jnp.issubdtype(x.dtype, jnp.floating)]
+        for p in _STATE_PARTS
+    ]
+    ok = np.asarray(_all_finite(parts))
+    return next((p for p, f in zip(_STATE_PARTS, ok, strict=True) if not f), None)
 
 
 def _last_good(ckpt: Checkpointer | None) -> str:
@@ -245,17 +293,31 @@ def _last_good(ckpt: Checkpointer | None) -> str:
     return ""
 
 
-def _bad_update(m: dict, e: int, offset: int, ckpt: Checkpointer | None) -> Divergence:
+def _bad_update(
+    trainer: Trainer, part: str, m: dict, e: int, offset: int, ckpt: Checkpointer | None
+) -> Divergence:
     ok = np.asarray(m["finite"], bool)
     steps = np.asarray(m["step"])
     # the culprit precedes the first non-finite step (its loss read the poisoned parameters)
     at = f"by step {int(steps[np.argmin(ok)]) - 1}" if not ok.all() else "within the chunk"
+    where = f"{at} (epoch {e}, batches {offset}–{offset + len(ok) - 1})"
     last = _last_good(ckpt)
+    if part in ("weighting", "aggregator"):
+        c = trainer.config
+        name, kwargs = (
+            (c.weighting, c.weighting_kwargs)
+            if part == "weighting"
+            else (c.aggregator, c.aggregator_kwargs)
+        )
+        return Divergence(
+            f"non-finite {part} state after an update {where} whose losses and gradients were "
+            f"finite: the {part} {name!r} made it (a too large lr, an overflow){last}; lower the "
+            f"learning rate in {part}_kwargs (now {dict(kwargs)}) or choose another {part}"
+        )
     return Divergence(
-        f"non-finite parameters or optimizer state after an update {at} (epoch {e}, batches "
-        f"{offset}–{offset + len(ok) - 1}) whose losses and gradients were finite: the optimizer "
-        f"made them (a NaN or infinite learning rate, Adam with eps=0, an overflow){last}; check "
-        "the optimizer's settings or lower the learning rate"
+        f"non-finite parameters or optimizer state after an update {where} whose losses and "
+        f"gradients were finite: the optimizer made them (a NaN or infinite learning rate, Adam "
+        f"with eps=0, an overflow){last}; check the optimizer's settings or lower the learning rate"
     )
 
 
@@ -298,6 +360,171 @@ def _stopped(state: TrainState, ckpt: Checkpointer | None) -> str:
     return f"stopped at step {int(state.step)} ({where})"
 
 
+def _check_eval_data(eval_data: Any, train: Dataset) -> None:
+    """``eval_data``: None, or a non-empty Dataset with the training set's tasks and features."""
+    if eval_data is None:
+        return
+    if not isinstance(eval_data, Dataset):
+        raise ValueError(
+            f"eval_data: a {type(eval_data).__name__} is not a Dataset; pass the validation "
+            "split as an mtl.data.batching.Dataset (e.g. data.take(rows)), or None"
+        )
+    if len(eval_data) == 0:
+        raise ValueError(
+            "eval_data: 0 rows (empty split?); check the split fractions and the data, or pass "
+            "eval_data=None"
+        )
+    for what, have, want in (
+        ("tasks", eval_data.task_specs, train.task_specs),
+        ("features", eval_data.feature_specs, train.feature_specs),
+    ):
+        have, want = {s.name: s for s in have}, {s.name: s for s in want}
+        problems = [
+            f"{label} {names}"
+            for label, names in (
+                ("missing", [n for n in want if n not in have]),
+                ("not in train", [n for n in have if n not in want]),
+                ("with other specs", [n for n in want if n in have and have[n] != want[n]]),
+            )
+            if names
+        ]
+        if problems:
+            raise ValueError(
+                f"eval_data: its {what} differ from train's ({'; '.join(problems)}); evaluate on "
+                "a split of the training data set (same tasks and features)"
+            )
+
+
+def _data_digest(data: Dataset) -> str:
+    """sha1 of a data set's features, labels and masks (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha1()
+    for part, arrays in data.tree().items():
+        for name in sorted(arrays):
+            x = np.ascontiguousarray(np.asarray(arrays[name]))
+            h.update(f"{part}/{name}/{x.dtype}/{x.shape}".encode())
+            h.update(x.tobytes())
+    return h.hexdigest()
+
+
+_RUN_FIELDS = ("batch_size", "data_seed", "train_rows", "train_data")
+
+
+def _run_record(
+    train: Dataset, batch_size: int, data_seed: int, stages: Sequence[Stage], steps: int
+) -> dict:
+    """What a checkpoint's step count stands for, saved with every checkpoint fit writes: the
+    batches (batch size, data seed, the training rows and their digest, steps per epoch) and the
+    stages (a step's epoch and stage follow from them)."""
+    return {
+        "batch_size": batch_size,
+        "data_seed": data_seed,
+        "train_rows": len(train),
+        "train_data": _data_digest(train),
+        "steps_per_epoch": steps,
+        "stages": [
+            {
+                "epochs": s.epochs,
+                "tasks": None if s.tasks is None else list(s.tasks),
+                "trainable": list(s.trainable),
+                "alternating": bool(s.alternating),
+            }
+            for s in stages
+        ],
+    }
+
+
+def _per_epoch(stages: Sequence[dict]) -> list[tuple[int, dict]]:
+    """(stage index, the stage's fields but epochs) for every epoch of a run record's stages."""
+    return [
+        (i, {k: v for k, v in s.items() if k != "epochs"})
+        for i, s in enumerate(stages)
+        for _ in range(int(s["epochs"]))
+    ]
+
+
+def _check_run(ck: Checkpointer, step: int, had: Any, run: dict) -> None:
+    """Refuse checkpoint ``step``, whose run record is ``had``, unless fit wrote it for the
+    batches and stages of ``run`` (the stages up to the checkpoint; later ones may be added or
+    extended)."""
+    where = f"checkpoint {ck.directory}/{step}"
+    if not isinstance(had, dict) or not {*_RUN_FIELDS, "steps_per_epoch", "stages"} <= set(had):
+        raise CheckpointMismatch(
+            f"{where} does not record what its step count stands for (batch size, data seed, "
+            "training data, stages): fit did not write it, or an older mtl did; use a new run "
+            "directory"
+        )
+    diffs = [
+        f"{k}: checkpoint has {had[k]!r}, this run has {run[k]!r}"
+        for k in _RUN_FIELDS
+        if had[k] != run[k]
+    ]
+    old, new = _per_epoch(had["stages"]), _per_epoch(run["stages"])
+    started = -(-step // int(had["steps_per_epoch"]))  # the epochs it trained, wholly or in part
+    for e in range(min(started, len(old), len(new))):
+        if old[e] != new[e]:
+            diffs.append(
+                f"stages: epoch {e} was trained as stages[{old[e][0]}] {old[e][1]}, this run's "
+                f"stages have stages[{new[e][0]}] {new[e][1]} there"
+            )
+            break
+    if diffs:
+        raise CheckpointMismatch(
+            f"{where} was written by fit for other batches or stages: "
+            + "; ".join(diffs)
+            + " (its step count means other batches here: use a new run directory, or resume "
+            "with the original settings)"
+        )
+
+
+def _check_best(ck: Checkpointer, step: int, meta: dict, epoch: int, run: dict) -> None:
+    """Refuse a ``<dir>-best`` entry (its metadata ``meta``) that is not this run's state of
+    evaluation ``epoch``."""
+    _check_run(ck, step, meta.get("run"), run)
+    extra = meta.get("extra", {})
+    if extra.get("epoch") != epoch:
+        raise CheckpointMismatch(
+            f"checkpoint {ck.directory}/{step} holds the best state of epoch "
+            f"{extra.get('epoch')!r}, but this run's step {step} ends epoch {epoch}; use a new run "
+            "directory"
+        )
+
+
+def _keep_best(ck: Checkpointer, state: TrainState, epoch: int, run: dict) -> None:
+    """Save ``state`` as the best one (of ``epoch``) in ``ck``, unless it already holds it."""
+    step = int(state.step)
+    if step in ck.steps():
+        try:
+            meta = ck.meta(step)
+        except Exception:  # noqa: BLE001 - unreadable: Checkpointer.save sets it aside
+            meta = None
+        if meta is not None:
+            _check_best(ck, step, meta, epoch, run)
+            return
+    ck.save(step, state, {"epoch": epoch}, run=run)
+
+
+def _resumed_best(
+    ck: Checkpointer, history: list[dict], epoch: int, state: TrainState, run: dict
+) -> TrainState:
+    """The state of the best evaluation (``epoch``) of a resumed run: exactly its step in ``ck``,
+    or the restored state itself when that is the step (the run was interrupted between its own
+    checkpoint and the best one's; the best one is written now)."""
+    step = next(int(h["step"]) for h in history if h["epoch"] == epoch)
+    if step in ck.steps():
+        got = ck.restore(state, step=step)
+        if got is not None:
+            _check_best(ck, step, ck.meta(step), epoch, run)
+            return got[0]
+    if step == int(state.step):
+        _keep_best(ck, state, epoch, run)
+        return jax.tree.map(jnp.copy, state)  # the next chunk donates state's buffers
+    raise CheckpointMismatch(
+        f"early_stopping.restore_best: the state of the best epoch {epoch} (step {step}) is not "
+        f"in {ck.directory} (the run that wrote these checkpoints did not keep it, or it was "
+        "removed); pass restore_best=False, or rerun in a new run directory"
+    )
+
+
 def fit(
     trainer: Trainer,
     state: TrainState,
@@ -324,8 +551,17 @@ def fit(
     KeyboardInterrupt is raised. ``mesh`` (mtl.parallel.make_mesh) shards every batch over its
     'data' axis and replicates the state: data-parallel training with the same results.
     ``early_stopping`` ends training once ``eval_data``'s score stops improving (EarlyStopping).
-    Everything is validated before the first step: the integers and every stage (tasks,
-    trainable), so a bad later stage fails at once rather than after the earlier ones trained.
+    Everything is validated before the first step: the integers, ``data_seed`` (in [0, 2**32)),
+    the data sets, the callbacks and every stage (tasks, trainable), so a bad later stage fails at
+    once rather than after the earlier ones trained.
+
+    Every checkpoint records what its step count stands for: the batch size, data seed, training
+    rows (their number and digest) and stages. A resume with other batches, or with other stages
+    for the epochs already trained, raises CheckpointMismatch naming what differs; adding epochs
+    or stages after the checkpoint resumes. A checkpoint past the end of ``stages`` is refused.
+
+    Each history record's ``train_loss``/``train_losses`` are means over the epoch's finite steps
+    (nan_policy='skip' leaves the skipped ones out; NaN when every step was skipped).
     """
     batch_size = integer("batch_size", batch_size, 1)
     eval_every = integer(
@@ -341,9 +577,33 @@ def fit(
         0,
         "; pass 0 to save at epoch ends only, or N to also save every N steps",
     )
-    integer("data_seed", data_seed)
+    data_seed = integer("data_seed", data_seed)
+    if not 0 <= data_seed < 2**32:
+        raise ValueError(
+            f"data_seed: {data_seed!r} must be in [0, 2**32) (jax.random.key takes 32-bit seeds: "
+            "another value would wrap onto one in that range and replay its data order); pass a "
+            "seed in 0..4294967295"
+        )
+    if not isinstance(train, Dataset):
+        raise ValueError(
+            f"train: a {type(train).__name__} is not a Dataset; pass an mtl.data.batching.Dataset"
+        )
     if len(train) == 0:
         raise ValueError("train: the training split is empty; check the split and the data")
+    _check_eval_data(eval_data, train)
+    for field, fn in (("on_epoch", on_epoch), ("should_stop", should_stop)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{field}: {fn!r} is not callable; pass a function, or None")
+    if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
+        raise ValueError(
+            f"early_stopping: {early_stopping!r} is not an EarlyStopping; pass "
+            "EarlyStopping(monitor, patience=...), or None"
+        )
+    if checkpointer is not None and not isinstance(checkpointer, Checkpointer):
+        raise ValueError(
+            f"checkpointer: {checkpointer!r} is not a Checkpointer; pass "
+            "mtl.checkpoint.Checkpointer(directory, trainer.fingerprint()), or None"
+        )
     if early_stopping is not None and eval_data is None:
         raise ValueError(
             "early_stopping: needs eval_data (the validation split it monitors); pass eval_data"
@@ -352,17 +612,41 @@ def fit(
     if mesh is not None:
         parallel.check_batch_size(batch_size, mesh)
     S = num_batches(len(train), batch_size)
+    epochs = plan(stages)
     history: list[dict] = []
     partial: list[dict] = []  # summaries of the chunks already run in the current epoch
+    run, restored = None, None
     if checkpointer is not None:
+        run = _run_record(train, batch_size, data_seed, stages, S)
         restored = checkpointer.restore(state)
         if restored is not None:
-            state, extra, _ = restored
+            state, extra, step = restored
+            _check_run(checkpointer, step, checkpointer.meta(step).get("run"), run)
+            if step > len(epochs) * S:
+                raise CheckpointMismatch(
+                    f"checkpoint {checkpointer.directory}/{step}: restored step {step} is past "
+                    f"the end of this run's stages ({len(epochs)} epochs of {S} steps = "
+                    f"{len(epochs) * S} steps); ask for at least {-(-step // S)} epochs, or use "
+                    "a new run directory"
+                )
             history, partial = list(extra.get("history", [])), list(extra.get("partial", []))
+    es, best_state, best_ck = early_stopping, None, None
+    if es is not None and es.restore_best and checkpointer is not None:
+        best_ck = checkpointer.beside("best", max_to_keep=1)
+        if restored is None and best_ck.steps():
+            # a fresh run: these are an earlier run's (never cleared: they may be its only copy)
+            raise CheckpointMismatch(
+                f"checkpoint directory: {str(best_ck.directory)!r} holds the best state of an "
+                f"earlier run (step {best_ck.steps()[-1]}), but {str(checkpointer.directory)!r} "
+                "holds no checkpoint of it to resume; move or delete that directory, or use a new "
+                "run directory"
+            )
+        best_epoch = es.status(history)[0]
+        if best_epoch is not None:  # resumed after the best evaluation
+            best_state = _resumed_best(best_ck, history, best_epoch, state, run)
     train = train.to_device()
     if mesh is not None:
         state = parallel.replicate(state, mesh)
-    epochs = plan(stages)
     data_key = jax.random.key(data_seed)
     chunk = save_every if save_every > 0 else S
     bar = None
@@ -373,13 +657,9 @@ def fit(
 
     def save(state, history, partial=()):
         if checkpointer is not None:
-            checkpointer.save(
-                int(state.step), state, {"history": history, "partial": list(partial)}
-            )
+            extra = {"history": history, "partial": list(partial)}
+            checkpointer.save(int(state.step), state, extra, run=run)
 
-    es, best_state, best_ck = early_stopping, None, None
-    if es is not None and es.restore_best and checkpointer is not None:
-        best_ck = checkpointer.beside("best", max_to_keep=1)
     stopped = es is not None and es.status(history)[2] >= es.patience
     for e, (stage_idx, stage) in enumerate(epochs):
         start = e * S
@@ -400,8 +680,9 @@ def fit(
             )
             state, m = trainer.run(state, part, stage, start=offset)
             m = jax.device_get(m)
-            if not _state_finite(state):  # before any save: a checkpoint is never poisoned
-                raise _bad_update(m, e, offset, checkpointer)
+            bad = _nonfinite_part(state)
+            if bad is not None:  # before any save: a checkpoint is never poisoned
+                raise _bad_update(trainer, bad, m, e, offset, checkpointer)
             if not np.all(m["finite"]):
                 if trainer.config.nan_policy == "stop":
                     raise _divergence(trainer, m, e, offset, checkpointer, state, part)
@@ -410,17 +691,17 @@ def fit(
             if save_every > 0 and offset < S:
                 save(state, history, summaries)
             if offset < S and should_stop is not None and should_stop():
-                save(state, history, summaries)
+                save(state, history, summaries)  # a no-op when save_every saved it just now
                 raise KeyboardInterrupt(_stopped(state, checkpointer))
-        w = np.asarray([s["steps"] for s in summaries], float)
+        # means over the epoch's finite steps: chunks weighted by theirs, all-skipped ones left out
+        w = [s["finite_steps"] for s in summaries]
         record: dict[str, Any] = {
             "epoch": e,
             "stage": stage_idx,
             "step": int(state.step),
-            "train_loss": float(np.average([s["loss"] for s in summaries], weights=w)),
+            "train_loss": _epoch_mean([s["loss"] for s in summaries], w),
             "train_losses": {
-                n: float(np.average([s["losses"][n] for s in summaries], weights=w))
-                for n in trainer.names
+                n: _epoch_mean([s["losses"][n] for s in summaries], w) for n in trainer.names
             },
             "skipped": int(state.skipped),
             "seconds": time.perf_counter() - t0,
@@ -437,16 +718,18 @@ def fit(
         if eval_data is not None and ((e + 1) % eval_every == 0 or e == len(epochs) - 1):
             record["eval"] = evaluate(trainer, state, eval_data, mesh=mesh)
         history.append(record)
+        new_best = False
         if es is not None and "eval" in record:
             best_epoch, _, since = es.status(history)
             stopped = since >= es.patience
             if es.restore_best and best_epoch == e:
                 best_state = jax.tree.map(jnp.copy, state)  # the next run donates state's buffers
-                if best_ck is not None:
-                    best_ck.save(int(state.step), state, {"epoch": e})
+                new_best = True
         if on_epoch is not None:
             on_epoch(record)
         save(state, history)
+        if new_best and best_ck is not None:  # after the run's own checkpoint (_resumed_best)
+            _keep_best(best_ck, best_state, e, run)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['train_loss']:.4f}")
@@ -454,22 +737,22 @@ def fit(
             raise KeyboardInterrupt(_stopped(state, checkpointer))
     if bar is not None:
         bar.close()
+    if best_ck is not None:
+        best_ck.close()
     if es is None:
         return FitResult(state, history)
     best_epoch = es.status(history)[0]
-    if best_ck is not None:
-        if best_state is None and best_epoch is not None:  # resumed after the best evaluation
-            restored = best_ck.restore(state)
-            best_state = None if restored is None else restored[0]
-        best_ck.close()
     if es.restore_best and best_epoch is not None:
-        if best_state is None:
+        if best_state is None:  # cannot happen: kept in the loop or read back on resume
             raise RuntimeError(
-                f"early_stopping.restore_best: the state of epoch {best_epoch} is gone (its "
-                f"checkpoint in {best_ck.directory if best_ck else '-'} was removed); rerun "
-                "in a fresh run directory"
+                f"early_stopping.restore_best: the state of epoch {best_epoch} is gone"
             )
         state = best_state if mesh is None else parallel.replicate(best_state, mesh)
+    elif es.restore_best and any("eval" in h for h in history):
+        log.warning(
+            "early_stopping: no evaluation had a finite %r score; returning the last state",
+            es.monitor,
+        )
     return FitResult(state, history, best_epoch, stopped)
 
 

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtl.spec import closest, unknown
+from mtl.spec import closest, real, unknown
 
 Array = jax.Array
 PyTree = Any
@@ -243,7 +243,16 @@ def get_weighting(name: str, num_tasks: int, **hparams: Any) -> Weighting:
         if k not in valid:
             hint = closest(k, valid) if valid else f"{name!r} takes no hyper-parameters"
             raise ValueError(f"weighting {name!r}: unknown hyper-parameter {k!r}; {hint}")
-    for k in ("lr", "gamma", "alpha"):
+    if "lr" in hparams:  # uncertainty, gradnorm, famo: a finite step size > 0
+        hint = "; pass a learning rate > 0 such as 0.01"
+        lr = real(f"weighting {name!r} lr", hparams["lr"], hint)
+        if not lr > 0:
+            raise ValueError(
+                f"weighting {name!r} lr: {hparams['lr']!r} must be > 0 (with 0 the weights never "
+                f"change: use weighting='fixed' for constant weights){hint}"
+            )
+        hparams["lr"] = lr
+    for k in ("gamma", "alpha"):
         if k in hparams and not hparams[k] >= 0:
             raise ValueError(f"weighting {name!r} {k}: {hparams[k]} must be >= 0")
     if "temperature" in hparams and not hparams["temperature"] > 0:  # the weights divide by it
