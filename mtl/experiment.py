@@ -259,7 +259,11 @@ def train_run(
     stop = stop if stop is not None else _STOP
     # fail fast, before the model is built: integers, schedule, stages and method names (the
     # stages' tasks and trainable parameters are checked by fit, before the first step)
-    seed = integer("seed", spec.get("seed", 0))
+    seed = integer("seed", spec.get("seed", 0), 0)  # also the data seed: [0, 2**32)
+    if seed >= 2**32:
+        raise ValueError(
+            f"seed: {seed} must be < 2**32 (it also orders the data); pass a smaller seed"
+        )
     batch_size = integer("batch_size", spec.get("batch_size"), 1)
     epochs = integer("epochs", spec.get("epochs", 1))  # its range: 'stage epochs' (Stage)
     eval_every = integer(
