@@ -218,18 +218,6 @@ def _array_digest(x: np.ndarray) -> str:
     return f"{x.dtype}{list(x.shape)} sha1 {hashlib.sha1(x.tobytes()).hexdigest()}"
 
 
-def data_digest(data: Dataset) -> str:
-    """sha1 of a data set's features and labels (names, dtypes, shapes and bytes): a checkpoint
-    is only resumed on the rows it was trained on."""
-    h = hashlib.sha1()
-    for part, arrays in (("features", data.features), ("labels", data.labels)):
-        for name in sorted(arrays):
-            x = np.ascontiguousarray(np.asarray(arrays[name]))
-            h.update(f"{part}/{name}/{x.dtype}/{x.shape}".encode())
-            h.update(x.tobytes())
-    return h.hexdigest()
-
-
 def train_run(
     spec: Mapping[str, Any],
     train: Dataset,
@@ -332,8 +320,7 @@ def train_run(
             "data_seed": seed,
             "batch_size": batch_size,
             "train_rows": len(train),
-            "train_data": data_digest(train),
-        }
+        }  # fit adds the run record: batch size, data seed and a digest of the training rows
         ckpt = Checkpointer(rundir.checkpoint_dir(name), fp, max_to_keep=keep)
 
     def on_epoch(rec: dict) -> None:
