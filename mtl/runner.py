@@ -286,6 +286,22 @@ def _nonfinite_part(state: TrainState) -> str | None:
     return next((p for p, f in zip(_STATE_PARTS, ok, strict=True) if not f), None)
 
 
+def _nonfinite_weights(trainer: Trainer, state: TrainState, m: dict) -> np.ndarray | None:
+    """The task weights the next step would use, when they are not all finite although the
+    weighting state is (uncertainty's exp(-s) of a finite s < -88 in float32), else None.
+
+    Read at the chunk's last finite losses (no finite step: not checked, the step's own check
+    reports it). A state like that passes ``_nonfinite_part`` but makes the next step's loss
+    non-finite, so saving it would keep a "last good" checkpoint that diverges on resume."""
+    ok = np.asarray(m["finite"], bool)
+    if not ok.any():
+        return None
+    losses = jnp.asarray(np.asarray(m["losses"])[np.flatnonzero(ok)[-1]])
+    key = jax.random.key(0)  # keys only draw RLW's weights, a softmax: always finite
+    w = np.asarray(trainer.weighting.weights(state.weighting, losses, key))
+    return None if np.isfinite(w).all() else w
+
+
 def _last_good(ckpt: Checkpointer | None) -> str:
     """'; last good checkpoint: step N in DIR' when the checkpointer holds one, else ''."""
     if ckpt and ckpt.steps():
@@ -294,14 +310,29 @@ def _last_good(ckpt: Checkpointer | None) -> str:
 
 
 def _bad_update(
-    trainer: Trainer, part: str, m: dict, e: int, offset: int, ckpt: Checkpointer | None
+    trainer: Trainer,
+    part: str,
+    m: dict,
+    e: int,
+    offset: int,
+    ckpt: Checkpointer | None,
+    w: np.ndarray | None = None,
 ) -> Divergence:
+    """``part``: a state part of ``_STATE_PARTS``, or "weights" (``w``: ``_nonfinite_weights``)."""
     ok = np.asarray(m["finite"], bool)
     steps = np.asarray(m["step"])
     # the culprit precedes the first non-finite step (its loss read the poisoned parameters)
     at = f"by step {int(steps[np.argmin(ok)]) - 1}" if not ok.all() else "within the chunk"
     where = f"{at} (epoch {e}, batches {offset}–{offset + len(ok) - 1})"
     last = _last_good(ckpt)
+    if part == "weights":
+        c = trainer.config
+        return Divergence(
+            f"non-finite task weights {w.tolist()} from a finite weighting state after an update "
+            f"{where} whose losses and gradients were finite: the weighting {c.weighting!r} "
+            f"overflowed (a too large lr){last}; lower the learning rate in weighting_kwargs (now "
+            f"{dict(c.weighting_kwargs)}) or choose another weighting"
+        )
     if part in ("weighting", "aggregator"):
         c = trainer.config
         name, kwargs = (
@@ -683,6 +714,9 @@ def fit(
             bad = _nonfinite_part(state)
             if bad is not None:  # before any save: a checkpoint is never poisoned
                 raise _bad_update(trainer, bad, m, e, offset, checkpointer)
+            w = _nonfinite_weights(trainer, state, m)
+            if w is not None:  # nor one whose next step cannot be finite
+                raise _bad_update(trainer, "weights", m, e, offset, checkpointer, w)
             if not np.all(m["finite"]):
                 if trainer.config.nan_policy == "stop":
                     raise _divergence(trainer, m, e, offset, checkpointer, state, part)

@@ -15,7 +15,7 @@ import pytest
 from mtl import weighting as wt
 from mtl.checkpoint import MARKER, Checkpointer, CheckpointMismatch
 from mtl.data import synthetic
-from mtl.data.batching import Dataset
+from mtl.data.batching import Dataset, epoch_batches
 from mtl.models import build_model
 from mtl.runner import Divergence, EarlyStopping, _epoch_mean, _nonfinite_part, fit
 from mtl.train import Stage, TrainConfig, Trainer
@@ -175,6 +175,26 @@ def test_a_non_finite_weighting_state_stops_the_run_unsaved(data, tmp_path):
         fit(tr, tr.init(model, seed=3), data, (Stage(1),), batch_size=B, checkpointer=ck,
             save_every=1)  # fmt: skip
     assert ck.steps() == []  # never saved, never called the last good one
+
+
+def test_finite_weighting_state_with_overflowing_weights_stops_the_run_unsaved(data, tmp_path):
+    """lr=1000 takes uncertainty's log-variance s of a task with loss L < 1 to -1000·(1 - L): a
+    finite state whose weight exp(-s) overflows float32, so the next step cannot be finite."""
+    tr, model = make(data, weighting="uncertainty", weighting_kwargs={"lr": 1000.0})
+    first = jax.tree.map(lambda x: x[:1], epoch_batches(data, B, jax.random.key(0)))
+    st1, _ = tr.run(tr.init(model, seed=3), first, Stage(1))  # run donates the state it is given
+    s = np.asarray(st1.weighting["log_var"])  # the independent reference: numpy's exp
+    with np.errstate(over="ignore"):
+        assert np.isfinite(s).all() and not np.isfinite(np.exp(-s.astype(np.float32))).all()
+    ck = Checkpointer(tmp_path / "ck", tr.fingerprint(), max_to_keep=5)
+    with pytest.raises(Divergence, match=(
+        r"^non-finite task weights \[.*inf.*\] from a finite weighting state after an update "
+        r"within the chunk \(epoch 0, batches 0–0\) whose losses and gradients were finite: the "
+        r"weighting 'uncertainty' overflowed .*lower the learning rate in weighting_kwargs "
+        r"\(now \{'lr': 1000.0\}\)")):  # fmt: skip
+        fit(tr, tr.init(model, seed=3), data, (Stage(1),), batch_size=B, checkpointer=ck,
+            save_every=1)  # fmt: skip
+    assert ck.steps() == []  # the state after step 0 is never kept as the last good one
 
 
 def test_the_finiteness_check_covers_the_weighting_and_aggregator_states(data):
