@@ -61,7 +61,8 @@ class EarlyStopping:
     it). Decisions are read off the history, so a resumed run stops where the uninterrupted one
     would.
 
-    A non-finite score (NaN, e.g. an AUC of a split without positives, or ±inf) never counts as
+    A monitored AUC must be defined on the validation split: ``fit`` refuses one of a task whose
+    labelled validation rows hold one class. A non-finite score (NaN or ±inf) never counts as
     the best or as an improvement: the first finite score becomes the best, and a non-finite
     evaluation counts as one without improvement. If no evaluation has a finite score, the best
     epoch is None and ``fit`` returns the last state.
@@ -173,6 +174,22 @@ def check_stages(trainer: Trainer, params, stages: Sequence[Stage]) -> None:
             raise ValueError(f"stages[{i}].{e}") from e
 
 
+def one_class_tasks(data: Dataset) -> dict[str, float]:
+    """{task: its only class} for the binary and multilabel tasks whose labelled rows (mask > 0)
+    hold one class: their AUC is undefined (``metrics.auc`` reports 0.5)."""
+    out = {}
+    for t in data.task_specs:
+        if t.kind not in ("binary", "multilabel"):
+            continue
+        y = np.asarray(data.labels[t.name])
+        if t.name in data.masks:
+            y = y[np.asarray(data.masks[t.name]) > 0]
+        classes = np.unique(y > 0.5)
+        if len(classes) == 1:
+            out[t.name] = float(classes[0])
+    return out
+
+
 def evaluate(
     trainer: Trainer,
     state: TrainState,
@@ -185,6 +202,13 @@ def evaluate(
     ``batch_size`` defaults to EVAL_BATCH_SIZE, rounded up to a multiple of ``mesh``'s devices
     so that any mesh can evaluate; a batch size that is passed must divide by them.
     """
+    for task, c in one_class_tasks(data).items():
+        log.warning(
+            "evaluate: every labelled row of task %r is %s on this split: its AUC is undefined "
+            "(reported as 0.5)",
+            task,
+            int(c),
+        )
     if batch_size is None:
         n = 1 if mesh is None else mesh.shape[parallel.DATA]
         batch_size = -(-EVAL_BATCH_SIZE // n) * n
@@ -389,6 +413,23 @@ def _divergence(
 def _stopped(state: TrainState, ckpt: Checkpointer | None) -> str:
     where = f"checkpoint in {ckpt.directory}" if ckpt is not None else "no checkpointer: not saved"
     return f"stopped at step {int(state.step)} ({where})"
+
+
+def _check_monitor_defined(es: EarlyStopping, eval_data: Dataset) -> None:
+    """A monitored AUC ('task/auc', or 'mean/auc' over the tasks) must be defined on eval_data: of
+    a task whose labelled rows hold one class it is 0.5 at every evaluation, never improves, and
+    early stopping would end the run after ``patience`` evaluations for no reason."""
+    if not isinstance(es.monitor, str) or es.monitor.split("/")[1] != "auc":
+        return
+    task = es.monitor.split("/")[0]
+    for name, c in one_class_tasks(eval_data).items():
+        if task in ("mean", name):
+            raise ValueError(
+                f"early_stopping.monitor: {es.monitor!r}: every labelled row of task {name!r} in "
+                f"eval_data is {int(c)}, so its AUC is undefined (0.5 at every evaluation, never "
+                "improving); pass a validation split that holds both classes (a larger or "
+                f"stratified one), or monitor another metric (e.g. '{name}/log_loss')"
+            )
 
 
 def _check_eval_data(eval_data: Any, train: Dataset) -> None:
@@ -635,6 +676,8 @@ def fit(
             f"checkpointer: {checkpointer!r} is not a Checkpointer; pass "
             "mtl.checkpoint.Checkpointer(directory, trainer.fingerprint()), or None"
         )
+    if early_stopping is not None and eval_data is not None:
+        _check_monitor_defined(early_stopping, eval_data)
     if early_stopping is not None and eval_data is None:
         raise ValueError(
             "early_stopping: needs eval_data (the validation split it monitors); pass eval_data"

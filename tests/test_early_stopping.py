@@ -161,6 +161,60 @@ def test_monitor_not_in_the_evaluation_and_missing_eval_data(splits):
         fit(tr, st, train, (Stage(2),), batch_size=64, early_stopping=EarlyStopping("mean/auc"))
 
 
+def one_class(val, task, value, masked_rows=0):
+    """val with every labelled row of ``task`` set to ``value``; the first ``masked_rows`` rows get
+    the other class but mask 0 (unlabelled)."""
+    y = np.full(len(val), float(value), np.float32)
+    mask = np.ones(len(val), np.float32)
+    y[:masked_rows], mask[:masked_rows] = 1.0 - value, 0.0
+    labels = {**val.labels, task: y}
+    return Dataset(val.features, labels, val.feature_specs, val.task_specs, {task: mask})
+
+
+@pytest.mark.parametrize("monitor", ["like/auc", "mean/auc"])
+def test_a_monitored_auc_undefined_on_a_one_class_validation_split_is_refused(splits, monitor):
+    """A one-class split scores AUC 0.5 at every evaluation (metrics.auc), which never improves:
+    the run would stop after `patience` evaluations for no reason."""
+    train, val = splits
+    bad = one_class(val, "like", 1, masked_rows=5)  # masked rows of the other class don't count
+    assert np.unique(bad.labels["like"][bad.masks["like"] > 0]).tolist() == [1.0]
+    tr, st = make(train)
+    with pytest.raises(ValueError, match=(
+        rf"^early_stopping.monitor: '{monitor}': every labelled row of task 'like' in eval_data "
+        r"is 1, so its AUC is undefined .* or monitor another metric \(e.g. 'like/log_loss'\)")):  # fmt: skip
+        fit(tr, st, train, (Stage(2),), batch_size=64, eval_data=bad,
+            early_stopping=EarlyStopping(monitor))  # fmt: skip
+    # another task's AUC, or another metric of 'like', stays defined and allowed
+    for ok in ("click/auc", "like/log_loss"):
+        fresh = jax.tree.map(lambda x: x.copy(), st)  # fit may donate the state it is given
+        res = fit(tr, fresh, train, (Stage(1),), batch_size=64, eval_data=bad,
+                  early_stopping=EarlyStopping(ok))  # fmt: skip
+        assert len(res.history) == 1
+
+
+def test_evaluate_warns_of_an_undefined_auc(splits, caplog):
+    from mtl.runner import evaluate, one_class_tasks
+
+    train, val = splits
+    tr, st = make(train)
+    # the reference: numpy's classes of the labelled rows of each binary task
+    for bad, want in ((one_class(val, "click", 0), {"click": 0.0}), (val, {})):
+        got = {
+            t.name: float(np.unique(bad.labels[t.name])[0])
+            for t in bad.task_specs
+            if t.kind == "binary" and len(np.unique(bad.labels[t.name])) == 1
+        }
+        assert one_class_tasks(bad) == got == want
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mtl.runner"):
+        out = evaluate(tr, st, one_class(val, "click", 0))
+    assert out["click"]["auc"] == 0.5
+    assert [r.getMessage() for r in caplog.records] == [
+        "evaluate: every labelled row of task 'click' is 0 on this split: its AUC is undefined "
+        "(reported as 0.5)"
+    ]
+
+
 def test_train_run_takes_early_stopping_from_the_spec(splits, tmp_path):
     from mtl.experiment import RunDir, train_run
 
