@@ -122,7 +122,7 @@ class TrainConfig:
 
     learning_rate: float = 1e-3
     optimizer: str = "adam"
-    weights: dict | None = None  # task -> λ (defaults to TaskSpec.weight)
+    weights: dict | None = None  # task -> λ of weighting 'fixed' (defaults to TaskSpec.weight)
     l1: float = 0.0
     l2: float = 0.0
     order: str = "round_robin"  # alternating schedule: round_robin | sampled
@@ -289,6 +289,13 @@ class Trainer:
         wkw = dict(c.weighting_kwargs)
         if c.weighting == "fixed":
             wkw.setdefault("weights", self.lam_T)
+        elif (self.lam_T != 1).any():  # another weighting sets λ itself: they would be ignored
+            lam = dict(zip(self.names, self.lam_T.tolist(), strict=True))
+            raise ValueError(
+                f"weights: {lam} (TrainConfig.weights, else each TaskSpec.weight) are the task "
+                f"weights of weighting 'fixed'; weighting {c.weighting!r} sets them itself and "
+                "would ignore these; drop them (every weight 1), or use weighting='fixed'"
+            )
         self.weighting = weighting.get_weighting(c.weighting, T, **wkw)
         self.penalty_lam = float(getattr(model, "penalty", 0.0))
 

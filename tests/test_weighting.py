@@ -54,6 +54,30 @@ def test_uncertainty_converges_to_log_loss():
     np.testing.assert_allclose(w.weights(state, jnp.asarray(losses), KEY), 1 / losses, rtol=1e-3)
 
 
+def test_uncertainty_matches_numpy_adam_and_is_scale_free():
+    """s follows Adam on ∂/∂s [exp(-s)L + s] = 1 - exp(-s)L (a numpy port, float64), so a step
+    moves s by about lr whatever L: a loss of 1e5 does not throw s to ~1000 (λ = exp(-1000) = 0)
+    as the SGD step lr·(L - 1) did."""
+    lr, b1, b2, eps = 0.05, 0.9, 0.999, 1e-8
+    w = wt.get_weighting("uncertainty", 3, lr=lr)
+    update = jax.jit(w.update)
+    state = w.init(3)
+    s, m, v = np.zeros(3), np.zeros(3), np.zeros(3)
+    rng = np.random.default_rng(5)
+    for k in range(1, 41):
+        losses = np.array([1e5, 0.2, 3.0]) * rng.uniform(0.8, 1.2, 3)
+        state = update(state, _info(losses.astype(np.float32), step=k - 1))
+        g = 1.0 - np.exp(-s) * losses
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2
+        step = lr * (m / (1 - b1**k)) / (np.sqrt(v / (1 - b2**k)) + eps)
+        s = s - step
+        np.testing.assert_allclose(state["log_var"], s, rtol=1e-5, atol=1e-6)
+        assert np.all(np.abs(step) < 1.1 * lr)  # about lr per step, whatever the loss scale
+    assert 1.5 < s[0] < 2.0  # 40 steps of ~lr towards log(1e5) = 11.5, not past it
+    lam = np.asarray(w.weights(state, jnp.ones(3), KEY))
+    np.testing.assert_allclose(lam, np.exp(-s), rtol=1e-5)
+
+
 def _gradnorm_run(norms, losses_seq, lr=1e-3, alpha=1.5, n=3000):
     t = len(norms)
     q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(40, t)))
@@ -213,3 +237,33 @@ def test_state_keeps_its_dtype_under_float64_inputs(name):
             for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state), strict=True):
                 assert jnp.asarray(a).dtype == jnp.asarray(b).dtype, name
             state = new
+
+
+@pytest.mark.parametrize("name", ["uncertainty", "gradnorm", "dwa", "rlw", "famo"])
+def test_task_weights_with_a_weighting_that_sets_them_itself_are_refused(name):
+    """TrainConfig.weights and TaskSpec.weight are weighting 'fixed''s λ; under another weighting
+    they were silently ignored (a task given weight 0 still trained)."""
+    import dataclasses
+
+    from mtl.data import synthetic
+    from mtl.models import build_model
+    from mtl.train import TrainConfig, Trainer
+
+    _, _, fs, ts = synthetic.recsys(n=8, num_users=4, num_items=4, seed=0)
+    model = lambda ts: build_model("shared_bottom", fs, ts, trunk=(4,), tower=(2,))
+    msg = (
+        rf"^weights: {{'click': 0.0, 'like': 5.0, 'rating': 1.0}} \(TrainConfig.weights, else each "
+        rf"TaskSpec.weight\) are the task weights of weighting 'fixed'; weighting '{name}' sets "
+        r"them itself and would ignore these; drop them \(every weight 1\), or use "
+        r"weighting='fixed'$"
+    )
+    with pytest.raises(ValueError, match=msg):
+        Trainer(model(ts), TrainConfig(weighting=name, weights={"click": 0, "like": 5}))
+    spec_weighted = [dataclasses.replace(t, weight=w) for t, w in zip(ts, (0.0, 5.0, 1.0))]
+    with pytest.raises(ValueError, match=msg):
+        Trainer(model(spec_weighted), TrainConfig(weighting=name))
+    # weights of 1 say nothing, and 'fixed' takes any weights: the λ it uses are those given
+    Trainer(model(ts), TrainConfig(weighting=name, weights={"click": 1.0}))
+    tr = Trainer(model(spec_weighted), TrainConfig(weighting="fixed"))
+    w = tr.weighting.weights(tr.weighting.init(3), jnp.ones(3), KEY)
+    np.testing.assert_array_equal(np.asarray(w), [0.0, 5.0, 1.0])
