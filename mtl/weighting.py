@@ -69,21 +69,49 @@ def fixed(num_tasks: int, weights: Sequence[float] | None = None) -> Weighting:
 
 
 def uncertainty(num_tasks: int, lr: float = 0.01, init_log_var: float = 0.0) -> Weighting:
-    """Kendall et al. 2018: λ = exp(-s); s -= lr ∇_s Σ_i exp(-s_i) L_i + s_i (optimum s = log L)."""
-    # No ½ factor: Kendall's regression form ½exp(-s)L + ½s has the same optimum s = log L and
-    # halves every λ, i.e. only rescales the learning rate; we use the classification form for all.
+    """Kendall et al. 2018: λ = exp(-s); s -= Adam(∇_s Σ_i exp(-s_i) L_i + s_i) (optimum s = log L).
+
+    s is trained by Adam (β = 0.9, 0.999, eps 1e-8), as Kendall's and LibMTL's s are trained by
+    the model's optimizer: each step moves s by about ``lr`` whatever the loss scale. Plain SGD
+    on s (the gradient 1 - exp(-s)L grows with L) overshot: a loss of 1e5 took s to ~1000 in one
+    step, i.e. λ = exp(-1000) = 0, and the task stopped training for ~1e5 steps."""
+    # No ½ factors: ½exp(-s)L + ½s (Kendall's regression form; LibMTL's) has its optimum at the
+    # same s = log L, i.e. the same relative weights, each λ twice ours; the constant factor only
+    # rescales the model's learning rate.
 
     def update(state, info):
         s_T = state["log_var"]
         grad_T = 1.0 - jnp.exp(-s_T) * jax.lax.stop_gradient(info.losses)
-        return {"log_var": s_T - lr * grad_T}
+        s_T, adam = _adam_step(s_T, grad_T, state, lr)
+        return {"log_var": s_T, **adam}
 
     return Weighting(
-        init=lambda t: {"log_var": jnp.full((t,), init_log_var, jnp.float32)},
+        init=lambda t: {"log_var": jnp.full((t,), init_log_var, jnp.float32), **_adam_init(t)},
         weights=_stop(lambda state, losses_T, key: jnp.exp(-state["log_var"])),
         update=update,
         needs=frozenset(),
     )
+
+
+_B1, _B2, _EPS = 0.9, 0.999, 1e-8  # Adam (torch.optim.Adam's defaults), for uncertainty and FAMO
+
+
+def _adam_init(t: int) -> dict:
+    return {
+        "m": jnp.zeros((t,), jnp.float32),
+        "v": jnp.zeros((t,), jnp.float32),
+        "count": jnp.zeros((), jnp.int32),
+    }
+
+
+def _adam_step(x_T: Array, grad_T: Array, state: dict, lr: float) -> tuple[Array, dict]:
+    """One Adam step on x_T (bias-corrected moments from ``state``): (new x_T, new moments)."""
+    count = state["count"] + 1
+    m_T = _B1 * state["m"] + (1 - _B1) * grad_T
+    v_T = _B2 * state["v"] + (1 - _B2) * grad_T**2
+    m_hat = m_T / (1 - _B1**count)
+    v_hat = v_T / (1 - _B2**count)
+    return x_T - lr * m_hat / (jnp.sqrt(v_hat) + _EPS), {"m": m_T, "v": v_T, "count": count}
 
 
 def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025) -> Weighting:
@@ -182,7 +210,6 @@ def famo(num_tasks: int, gamma: float = 1e-3, lr: float = 0.025) -> Weighting:
     """FAMO (Liu et al. 2023): λ_i ∝ z_i/L_i, z = softmax(ξ); ξ -= Adam(J_zᵀ log(L/L') + γξ)."""
     # As the official code: λ sums to 1, Adam (β = 0.9, 0.999, eps 1e-8) with coupled weight decay γ
     # (torch.optim.Adam(weight_decay=γ)), minimum losses taken as 0 (+1e-8).
-    b1, b2, eps = 0.9, 0.999, 1e-8
 
     def weights(state, losses_T, key):
         z_T = jax.nn.softmax(state["xi"])
@@ -196,21 +223,11 @@ def famo(num_tasks: int, gamma: float = 1e-3, lr: float = 0.025) -> Weighting:
         z_T = jax.nn.softmax(xi_T)
         delta_T = jnp.log(info.losses + 1e-8) - jnp.log(info.next_losses + 1e-8)
         grad_T = z_T * (delta_T - jnp.dot(z_T, delta_T)) + gamma * xi_T  # J_softmaxᵀ δ + γξ
-        count = state["count"] + 1
-        m_T = b1 * state["m"] + (1 - b1) * grad_T
-        v_T = b2 * state["v"] + (1 - b2) * grad_T**2
-        m_hat = m_T / (1 - b1**count)
-        v_hat = v_T / (1 - b2**count)
-        xi_T = xi_T - lr * m_hat / (jnp.sqrt(v_hat) + eps)
-        return {"xi": jax.lax.stop_gradient(xi_T), "m": m_T, "v": v_T, "count": count}
+        xi_T, adam = _adam_step(xi_T, grad_T, state, lr)
+        return {"xi": jax.lax.stop_gradient(xi_T), **adam}
 
     return Weighting(
-        init=lambda t: {
-            "xi": jnp.zeros((t,), jnp.float32),
-            "m": jnp.zeros((t,), jnp.float32),
-            "v": jnp.zeros((t,), jnp.float32),
-            "count": jnp.zeros((), jnp.int32),
-        },
+        init=lambda t: {"xi": jnp.zeros((t,), jnp.float32), **_adam_init(t)},
         weights=_stop(weights),
         update=update,
         needs=frozenset({"next_losses"}),

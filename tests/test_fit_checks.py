@@ -178,8 +178,9 @@ def test_a_non_finite_weighting_state_stops_the_run_unsaved(data, tmp_path):
 
 
 def test_finite_weighting_state_with_overflowing_weights_stops_the_run_unsaved(data, tmp_path):
-    """lr=1000 takes uncertainty's log-variance s of a task with loss L < 1 to -1000·(1 - L): a
-    finite state whose weight exp(-s) overflows float32, so the next step cannot be finite."""
+    """lr=1000: Adam's first step takes uncertainty's log-variance s of a task with loss L < 1 to
+    about -1000, a finite state whose weight exp(-s) overflows float32: the next step cannot be
+    finite."""
     tr, model = make(data, weighting="uncertainty", weighting_kwargs={"lr": 1000.0})
     first = jax.tree.map(lambda x: x[:1], epoch_batches(data, B, jax.random.key(0)))
     st1, _ = tr.run(tr.init(model, seed=3), first, Stage(1))  # run donates the state it is given
