@@ -752,7 +752,7 @@ def fit(
                 if (offset, end) != (0, S)
                 else batches
             )
-            state, m = trainer.run(state, part, stage, start=offset)
+            state, m = trainer.run(state, part, stage, start=offset, epoch_steps=S)
             m = jax.device_get(m)
             bad = _nonfinite_part(state)
             if bad is not None:  # before any save: a checkpoint is never poisoned

@@ -553,10 +553,12 @@ class Trainer:
         J = stack(vjp(jnp.ones_like(w_T))[0]) if needs_J else None
         return losses_T, w_T, grads, J, agg_state
 
-    def _step_fn(self, state: TrainState, batch, trainable, task_ids, alternating: bool):
-        """One update; returns (new state, per-step metrics)."""
+    def _step_fn(self, state: TrainState, xs, trainable, task_ids, alternating: bool):
+        """One update on ``xs`` = (batch, whether the step ends its epoch); returns (new state,
+        per-step metrics)."""
         from mtl.weighting import StepInfo
 
+        batch, epoch_end = xs
         c, T = self.config, len(self.tasks)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         k_task, k_grad, k_w, k_next = jax.random.split(key, 4)
@@ -622,7 +624,12 @@ class Trainer:
         if "next_losses" in self.weighting.needs:
             next_losses = self._losses_fn(params, state.rest, batch, k_next)[0]
         info = StepInfo(
-            losses=losses_T, next_losses=next_losses, jacobian=J, step=state.step, key=k_w
+            losses=losses_T,
+            next_losses=next_losses,
+            jacobian=J,
+            step=state.step,
+            key=k_w,
+            epoch_end=epoch_end,
         )
         new_w = self.weighting.update(state.weighting, info)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
@@ -663,8 +670,13 @@ class Trainer:
         J = self._shared_rows(jax.vmap(vjp)(jnp.eye(len(self.tasks)))[0])
         return analysis.summarize(J)
 
-    def _epoch_fn(self, state, batches, trainable, task_ids, alternating, phase):
+    def _epoch_fn(
+        self, state, batches, trainable, task_ids, alternating, phase, start, epoch_steps
+    ):
         """Scan the steps; with logging, epoch positions phase + i ≡ 0 (mod log_every) also log.
+
+        Step i is at position ``start`` + i of an epoch of ``epoch_steps`` steps (traced scalars:
+        a chunk's offset does not recompile); StepInfo.epoch_end marks the epoch's last step.
 
         Logging keeps the step itself unchanged: a scan over groups [logged position, next one),
         whose body computes the gradient statistics at the group's first step and then loops over
@@ -675,10 +687,11 @@ class Trainer:
             self._step_fn, trainable=trainable, task_ids=task_ids, alternating=alternating
         )
         k = self.config.log_every
-        if not (k and self.num_shared):
-            return jax.lax.scan(step, state, batches)
         n = jax.tree.leaves(batches)[0].shape[0]
-        at = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False), batches)
+        xs = (batches, start + jnp.arange(n, dtype=jnp.int32) == epoch_steps - 1)
+        if not (k and self.num_shared):
+            return jax.lax.scan(step, state, xs)
+        at = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False), xs)
         shapes = jax.eval_shape(step, state, at(0))[1]
         buf = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), s.dtype), shapes)
 
@@ -693,7 +706,7 @@ class Trainer:
         logged_at = np.arange(head, n, k)
         starts = np.concatenate([[0] if head else [], logged_at]).astype(np.int32)
         ends = np.append(starts[1:], n).astype(np.int32)
-        measure = lambda st, i: self._analysis(st, at(i))
+        measure = lambda st, i: self._analysis(st, at(i)[0])
         stats = measure
         if head:  # the head group logs nothing: one lax.cond per group, none per step
             zeros = lambda st, i: jax.tree.map(
@@ -716,14 +729,23 @@ class Trainer:
         return state, metrics
 
     def run(
-        self, state: TrainState, batches, stage: Stage, start: int = 0
+        self,
+        state: TrainState,
+        batches,
+        stage: Stage,
+        start: int = 0,
+        epoch_steps: int | None = None,
     ) -> tuple[TrainState, dict]:
         """Run the scanned steps of ``batches`` (leaves [S, B, ...]) in one compiled call.
 
-        ``start`` is the position of the first batch within its epoch (chunks of an epoch): gradient
-        analysis logs at positions 0, log_every, 2·log_every, ... of every epoch.
+        ``start`` is the position of the first batch within its epoch of ``epoch_steps`` steps
+        (default: the epoch ends with these batches), for chunks of an epoch: gradient analysis
+        logs at positions 0, log_every, 2·log_every, ... of every epoch, and epoch-level
+        weightings (DWA) close an epoch at its last step.
         """
         k = self.config.log_every
+        n = jax.tree.leaves(batches)[0].shape[0]
+        epoch_steps = start + n if epoch_steps is None else epoch_steps
         return self._epoch(
             state,
             batches,
@@ -731,6 +753,8 @@ class Trainer:
             task_ids=self.task_ids(stage),
             alternating=stage.alternating,
             phase=int(start) % k if k else 0,
+            start=jnp.asarray(start, jnp.int32),
+            epoch_steps=jnp.asarray(epoch_steps, jnp.int32),
         )
 
     # ------------------------------------------------------------------ eval

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtl.spec import closest, real, unknown
+from mtl.spec import closest, integer, real, unknown
 
 Array = jax.Array
 PyTree = Any
@@ -30,6 +30,7 @@ class StepInfo(NamedTuple):
     jacobian: Array | None  # [T, P] per-task gradients of the unweighted losses (shared params)
     step: Array  # int32 scalar
     key: Array  # PRNG key
+    epoch_end: Array  # bool scalar: the step is the last of its epoch
 
 
 class Weighting(NamedTuple):
@@ -159,21 +160,23 @@ def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025) -> Weighting
     )
 
 
-def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1) -> Weighting:
-    """Liu et al. 2019: λ = T softmax(r/τ), r_i = L̄_i(k-1) / L̄_i(k-2) over the last two periods."""
-    # The paper averages losses per epoch (period = steps per epoch). The default period = 1 uses
-    # step-level ratios of consecutive mini-batch losses (noisier; τ = 2 keeps λ near 1).
+def dwa(num_tasks: int, temperature: float = 2.0, period: int | None = None) -> Weighting:
+    """Liu et al. 2019: λ = T softmax(r/τ), r_i = L̄_i(k-1) / L̄_i(k-2), L̄ the mean loss of a period.
+
+    ``period`` None (the default): a period is an epoch, as in the paper and LibMTL (λ = 1 for
+    the first two epochs); an int: every ``period`` steps (period 1: ratios of consecutive
+    mini-batch losses, noisier)."""
 
     def update(state, info):
         total_T = state["total"] + jax.lax.stop_gradient(info.losses)
         count = state["count"] + 1
-        done = count >= period
+        done = info.epoch_end if period is None else count >= period
         return {
             "total": jnp.where(done, 0.0, total_T),
             "count": jnp.where(done, 0, count),
             "prev": jnp.where(done, total_T / count, state["prev"]),
             "prev2": jnp.where(done, state["prev"], state["prev2"]),
-            "periods": state["periods"] + done.astype(jnp.int32),
+            "periods": state["periods"] + jnp.asarray(done).astype(jnp.int32),
         }
 
     def weights(state, losses_T, key):
@@ -277,8 +280,9 @@ def get_weighting(name: str, num_tasks: int, **hparams: Any) -> Weighting:
             f"weighting {name!r} temperature: {hparams['temperature']} must be > 0; "
             f"a small value such as 0.1 makes the weights nearly one-hot"
         )
-    if name == "dwa" and int(hparams.get("period", 1)) < 1:
-        raise ValueError(f"weighting 'dwa' period: {hparams['period']} must be >= 1")
+    if name == "dwa" and hparams.get("period") is not None:
+        hint = "; pass None (a period is an epoch) or a number of steps"
+        hparams["period"] = integer("weighting 'dwa' period", hparams["period"], 1, hint)
     w = fn(int(num_tasks), **hparams)
     return w._replace(update=_keeping_dtypes(w.update))
 

@@ -10,13 +10,14 @@ from mtl import weighting as wt
 KEY = jax.random.key(0)
 
 
-def _info(losses, next_losses=None, jacobian=None, step=0):
+def _info(losses, next_losses=None, jacobian=None, step=0, epoch_end=False):
     return wt.StepInfo(
         losses=jnp.asarray(losses, jnp.float32),
         next_losses=None if next_losses is None else jnp.asarray(next_losses, jnp.float32),
         jacobian=None if jacobian is None else jnp.asarray(jacobian, jnp.float32),
         step=jnp.asarray(step, jnp.int32),
         key=KEY,
+        epoch_end=jnp.asarray(epoch_end),
     )
 
 
@@ -48,6 +49,7 @@ def test_uncertainty_converges_to_log_loss():
         jacobian=None,
         step=jnp.arange(n, dtype=jnp.int32),
         key=jax.random.split(KEY, n),
+        epoch_end=jnp.zeros(n, bool),
     )
     state = _run_updates(w, w.init(4), infos)
     np.testing.assert_allclose(state["log_var"], np.log(losses), atol=1e-4)
@@ -89,6 +91,7 @@ def _gradnorm_run(norms, losses_seq, lr=1e-3, alpha=1.5, n=3000):
         jacobian=jnp.tile(jnp.asarray(jac), (n, 1, 1)),
         step=jnp.arange(n, dtype=jnp.int32),
         key=jax.random.split(KEY, n),
+        epoch_end=jnp.zeros(n, bool),
     )
     state = _run_updates(w, w.init(t), infos)
     weights = np.asarray(w.weights(state, infos.losses[-1], KEY))
@@ -120,7 +123,7 @@ def test_gradnorm_follows_inverse_training_rate():
 def test_dwa_matches_formula():
     rng = np.random.default_rng(1)
     seq = rng.uniform(0.5, 2.0, size=(6, 3)).astype(np.float32)
-    w = wt.get_weighting("dwa", 3, temperature=2.0)
+    w = wt.get_weighting("dwa", 3, temperature=2.0, period=1)  # step-level ratios
     state = w.init(3)
     weights, update = jax.jit(w.weights), jax.jit(w.update)
     for k, losses in enumerate(seq):
@@ -144,6 +147,54 @@ def test_dwa_period_averages():
     r = seq[3:].mean(0) / seq[:3].mean(0)
     ref = 2 * np.exp(r / 1.5) / np.exp(r / 1.5).sum()
     np.testing.assert_allclose(w.weights(state, jnp.ones(2), KEY), ref, rtol=1e-5)
+
+
+def _dwa_numpy(epoch_means, temperature):
+    """LibMTL's DWA (weighting/DWA.py): λ = T softmax(w/τ), w = L̄(e-1) / L̄(e-2) from the
+    per-epoch mean losses, 1 for the first two epochs."""
+    t = epoch_means.shape[1]
+    out = []
+    for e in range(len(epoch_means) + 1):
+        if e < 2:
+            out.append(np.ones(t))
+        else:
+            r = epoch_means[e - 1] / epoch_means[e - 2]
+            out.append(t * np.exp(r / temperature) / np.exp(r / temperature).sum())
+    return np.asarray(out)
+
+
+def test_dwa_by_default_weighs_by_epoch_mean_losses_as_libmtl():
+    """The default period is the epoch: every step of epoch e uses λ from the mean losses of
+    epochs e-1 and e-2, also when fit runs an epoch in chunks (save_every) that end mid-epoch."""
+    from mtl.data import synthetic
+    from mtl.data.batching import Dataset, epoch_batches
+    from mtl.models import build_model
+    from mtl.runner import fit
+    from mtl.train import Stage, TrainConfig, Trainer
+
+    f, l, fs, ts = synthetic.recsys(n=320, num_users=30, num_items=40, seed=4)
+    data = Dataset(f, l, fs, ts)
+    model = build_model("shared_bottom", fs, ts, trunk=(8,), tower=(4,))
+    tr = Trainer(model, TrainConfig(learning_rate=5e-2, weighting="dwa"))
+    st = tr.init(model, seed=0)
+    losses, lams = [], []
+    for e in range(4):  # one run per epoch of 5 steps
+        st, m = tr.run(st, epoch_batches(data, 64, jax.random.key(e)), Stage(1))
+        losses.append(np.asarray(m["losses"], np.float64).mean(0))
+        lams.append(np.asarray(m["weights"]))
+    ref = _dwa_numpy(np.asarray(losses), 2.0)
+    for e in range(4):  # every step of epoch e: that epoch's λ
+        np.testing.assert_allclose(lams[e], np.tile(ref[e], (5, 1)), rtol=2e-5)
+    assert not np.allclose(ref[2], 1.0)  # the ratios moved the weights
+    # fit in chunks of 2 steps (5 per epoch): the state holds the last two epochs' mean losses
+    res = fit(tr, tr.init(model, seed=0), data, (Stage(3),), batch_size=64, save_every=2)
+    means = np.asarray([[h["train_losses"][t.name] for t in ts] for h in res.history])
+    w = res.state.weighting
+    np.testing.assert_allclose(w["prev"], means[2], rtol=1e-5)
+    np.testing.assert_allclose(w["prev2"], means[1], rtol=1e-5)
+    assert int(w["periods"]) == 3 and int(w["count"]) == 0
+    lam = tr.weighting.weights(w, jnp.ones(3), KEY)
+    np.testing.assert_allclose(lam, _dwa_numpy(means, 2.0)[3], rtol=1e-5)
 
 
 def test_rlw_random_weights():
@@ -230,6 +281,7 @@ def test_state_keeps_its_dtype_under_float64_inputs(name):
             jacobian=jnp.asarray(np.random.default_rng(0).normal(size=(3, 5)), jnp.float64),
             step=jnp.asarray(3, jnp.int32),
             key=KEY,
+            epoch_end=jnp.asarray(True),
         )
         for _ in range(2):
             new = w.update(state, info)
