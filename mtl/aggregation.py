@@ -74,7 +74,22 @@ def _gram(jacobian_TxP: Array) -> Array:
 
 
 def _combine(w_T: Array, jacobian_TxP: Array) -> Array:
-    """wᵀJ in full precision (for long rows a sum of T scaled rows, read where they were made)."""
+    """wᵀJ in full precision (for long rows a sum of T scaled rows, read where they were made).
+
+    For a half-precision J the weights are scaled by their largest magnitude first and the sum
+    scaled back in float32: weights beyond float16's 65504 (Nash-MTL's ~1/|g_i| for small rows)
+    would otherwise become inf."""
+    if jnp.finfo(jacobian_TxP.dtype).bits < 32:
+        w_T = w_T.astype(jnp.float32)
+        top = jnp.max(jnp.abs(w_T))
+        top = jnp.where(top > 0, top, 1.0)
+        v_P = _weighted_rows(w_T / top, jacobian_TxP)
+        return (v_P.astype(jnp.float32) * top).astype(jacobian_TxP.dtype)
+    return _weighted_rows(w_T, jacobian_TxP)
+
+
+def _weighted_rows(w_T: Array, jacobian_TxP: Array) -> Array:
+    """wᵀJ in J's dtype: one product, or for long rows a sum of scaled rows."""
     w_T = w_T.astype(jacobian_TxP.dtype)
     if not _long(jacobian_TxP.shape[1]):
         return jnp.matmul(w_T, jacobian_TxP, precision=_HI)
@@ -217,7 +232,11 @@ def mgda(jacobian_TxP: Array) -> Array:
 
 
 def cagrad(jacobian_TxP: Array, c: float = 0.5, rescale: int = 1) -> Array:
-    """CAGrad (Liu et al. 2021): d = g0 + c|g0| g_w/|g_w|, w = argmin_Δ g_w·g0 + c|g0||g_w|."""
+    """CAGrad (Liu et al. 2021): d = g0 + c|g0| g_w/|g_w|, w = argmin_Δ g_w·g0 + c|g0||g_w|.
+
+    When the optimum has g_w = 0 (c >= 1 with 0 in the rows' convex hull, or a zero row), the
+    formula is undefined and d = g0 (TorchJD returns 0 there, the official code a direction of
+    rounding noise)."""
     # rescale as the official code: 0 -> d, 1 (default) -> d / (1 + c²), 2 -> d / (1 + c).
     t = jacobian_TxP.shape[0]
     gram_TxT = _normalized_gram(jacobian_TxP)
@@ -227,26 +246,56 @@ def cagrad(jacobian_TxP: Array, c: float = 0.5, rescale: int = 1) -> Array:
     ok = radius > 1e-12
     safe_radius = jnp.where(ok, radius, 1.0)
 
-    # Majorise-minimise on the dual: |x| <= |x|²/(2τ) + τ/2 at τ = |x_k| turns the dual into the
-    # simplex QP min ½wᵀGw + s·wᵀG b with s = |x_k| / (c|g0|), solved exactly (active set, warm
-    # started). The scalar fixed point s = h(s) is accelerated by Steffensen (Aitken Δ²) steps.
-    def h(s, w_T):
+    # The dual min_Δ F(w) = wᵀGb + c|g0||g_w| is solved through its scalar fixed point: at the
+    # optimum w is the simplex QP argmin ½wᵀGw + s·wᵀGb with s = |g_w| / (c|g0|) (majorising
+    # |x| <= |x|²/(2τ) + τ/2 at τ = |g_w|). ψ(s) = h(s) - s, h(s) = |g_w(s)| / (c|g0|), h non-
+    # decreasing and <= s_max = max_i |g_i| / (c|g0|), is bracketed (ψ(lo) > 0 >= ψ(hi)) and its
+    # root found by the Illinois method: each step one QP, the bracket always kept. s = 0 is a
+    # spurious root when 0 is in the rows' hull (h(0) = |min-norm point| = 0); the bracket's lower
+    # end is searched above it, at s0·10^-k (s0 = 1/c), and none up to k = 12 means the optimum
+    # has g_w ≈ 0 (c >= 1 with 0 in the hull): then d = g0. (An unguarded Aitken-accelerated
+    # fixed-point iteration fell into that spurious root, or oscillated, on rank-deficient rows.)
+    def psi(s, w_T):
         w_T = _qp(gram_TxT, s * gb_T, simplex=True, x0_T=w_T)
-        return jnp.sqrt(jnp.maximum(w_T @ gram_TxT @ w_T, 0.0)) / safe_radius, w_T
+        return jnp.sqrt(jnp.maximum(w_T @ gram_TxT @ w_T, 0.0)) / safe_radius - s, w_T
 
-    def body(state):
-        s0, w_T, _, it = state
-        s1, w_T = h(s0, w_T)
-        s2, w_T = h(s1, w_T)
-        den = s2 - 2.0 * s1 + s0
-        aitken = s0 - (s1 - s0) ** 2 / jnp.where(den != 0, den, 1.0)
-        good = (den != 0) & jnp.isfinite(aitken) & (aitken > 0)
-        done = jnp.abs(s2 - s1) <= 1e-6 * s2
-        return jnp.where(done | ~good, s2, aitken), w_T, done, it + 1
+    tol = 10 * jnp.finfo(gram_TxT.dtype).eps
+    s_max = jnp.sqrt(jnp.max(jnp.diag(gram_TxT))) / safe_radius
+    s0 = jnp.minimum(jnp.sqrt(jnp.maximum(b_T @ gb_T, 0.0)) / safe_radius, s_max)
+    f_max, w_T = psi(s_max, b_T)
+    f0, w_T = psi(s0, w_T)
 
-    s0 = jnp.where(ok, jnp.sqrt(jnp.maximum(b_T @ gb_T, 0.0)) / safe_radius, 0.0)
-    state = (s0, b_T, ~ok, jnp.array(0))
-    _, w_T, _, _ = lax.while_loop(lambda s: ~s[2] & (s[3] < 50), body, state)
+    def search(state):  # down from s0 until ψ > 0; (x_prev, f_prev): the last ψ <= 0
+        x, fx, _, _, w_T, k = state
+        fy, w_T = psi(0.1 * x, w_T)
+        return 0.1 * x, fy, x, fx, w_T, k + 1
+
+    init = (s0, f0, s_max, f_max, w_T, jnp.array(0))
+    cond = lambda st: ok & (st[1] <= 0) & (st[5] < 12)
+    lo, f_lo, x_prev, f_prev, w_T, _ = lax.while_loop(cond, search, init)
+    hi, f_hi = jnp.where(f0 > 0, s_max, x_prev), jnp.where(f0 > 0, f_max, f_prev)
+    bracketed = ok & (f_lo > 0) & (f_hi <= 0)
+
+    def illinois(state):
+        a, fa, b, fb, w_T, side, _, it = state
+        x = (a * fb - b * fa) / (fb - fa)  # in [a, b]: fa > 0 >= fb
+        fx, w_T = psi(x, w_T)
+        up = fx > 0
+        a, fa, b, fb = (
+            jnp.where(up, x, a),
+            jnp.where(up, fx, jnp.where(side < 0, 0.5 * fa, fa)),
+            jnp.where(up, b, x),
+            jnp.where(up, jnp.where(side > 0, 0.5 * fb, fb), fx),
+        )
+        done = (jnp.abs(fx) <= tol * x) | (b - a <= tol * b)
+        return a, fa, b, fb, w_T, jnp.where(up, 1, -1), done, it + 1
+
+    state = (lo, f_lo, hi, f_hi, w_T, jnp.array(0), ~bracketed, jnp.array(0))
+    *_, w_T, _, _, _ = lax.while_loop(lambda st: ~st[6] & (st[7] < 60), illinois, state)
+    # unbracketed: ψ <= 0 down to s0·1e-12 (g_w ≈ 0: w is the QP's there), or, by rounding only,
+    # ψ > 0 up to s_max (take s_max)
+    end = jnp.where(f_lo > 0, s_max, lo)
+    w_T = lax.cond(bracketed | ~ok, lambda: w_T, lambda: psi(end, w_T)[1])
     gw_norm = jnp.sqrt(jnp.maximum(w_T @ gram_TxT @ w_T, 0.0))
     lam = jnp.where(ok & (gw_norm > 1e-6 * radius), radius / jnp.maximum(gw_norm, 1e-30), 0.0)
     denom = {0: 1.0, 1: 1.0 + c**2, 2: 1.0 + c}[rescale]
@@ -348,18 +397,23 @@ def nash_mtl(jacobian_TxP: Array, max_norm: float = 1.0, reg_eps: float = 1e-7) 
 
 def graddrop(jacobian_TxP: Array, key: Array) -> Array:
     """GradDrop (Chen et al. 2020): P = ½(1 + Σg/Σ|g|); keep g_i > 0 if P > U, g_i < 0 if P < U."""
+    # P and U in at least float32: in bfloat16 (128 levels in [0.5, 1)) P == U on ~0.4% of the
+    # mixed-sign coordinates, where neither sign would be kept
     ones_T = jnp.ones(jacobian_TxP.shape[0], jacobian_TxP.dtype)
-    total_P = _combine(ones_T, jacobian_TxP)  # sums over T as matmuls: fast on every backend
-    purity_P = 0.5 * (1.0 + total_P / (_combine(ones_T, jnp.abs(jacobian_TxP)) + 1e-30))
-    u_P = jax.random.uniform(key, purity_P.shape, purity_P.dtype)
+    f32 = jnp.promote_types(jacobian_TxP.dtype, jnp.float32)
+    total_P = _combine(ones_T, jacobian_TxP).astype(f32)  # sums over T as matmuls: fast anywhere
+    purity_P = 0.5 * (1.0 + total_P / (_combine(ones_T, jnp.abs(jacobian_TxP)).astype(f32) + 1e-30))
+    u_P = jax.random.uniform(key, purity_P.shape, f32)
     keep_TxP = ((purity_P > u_P) & (jacobian_TxP > 0)) | ((purity_P < u_P) & (jacobian_TxP < 0))
     return _combine(ones_T, jnp.where(keep_TxP, jacobian_TxP, 0.0))
 
 
 def gradvac(
-    jacobian_TxP: Array, target_TxT: Array, key: Array, beta: float = 0.01
+    jacobian_TxP: Array, target_TxT: Array, key: Array, beta: float = 0.5
 ) -> tuple[Array, Array]:
-    """GradVac (Wang et al. 2021): g_i' += w g_j lifting cos(g_i', g_j) = ρ to its EMA target φ̂."""
+    """GradVac (Wang et al. 2021): g_i' += w g_j lifting cos(g_i', g_j) = ρ to its EMA target φ̂.
+
+    ``beta``: the EMA rate of φ̂, 0.5 by default as in LibMTL and TorchJD."""
     # w = |g_i'|(φ̂√(1-ρ²) - ρ√(1-φ̂²)) / (|g_j|√(1-φ̂²)) when ρ < φ̂_ij; φ̂_ij ← (1-β)φ̂_ij + βρ.
     # j runs over the other tasks in a random order per task; one parameter group (whole model).
     t, target_dtype = jacobian_TxP.shape[0], target_TxT.dtype  # the state keeps its dtype
@@ -456,7 +510,7 @@ def _check(name: str, hparams: dict[str, Any]) -> None:
             raise ValueError(f"aggregator 'cagrad' c: {hparams['c']} must be >= 0")
         if hparams.get("rescale", 1) not in (0, 1, 2):
             raise ValueError(f"aggregator 'cagrad' rescale: {hparams['rescale']} must be 0, 1 or 2")
-    if name == "gradvac" and not 0 <= hparams.get("beta", 0.01) <= 1:
+    if name == "gradvac" and not 0 <= hparams.get("beta", 0.5) <= 1:
         raise ValueError(f"aggregator 'gradvac' beta: {hparams['beta']} must be in [0, 1]")
     for k in ("reg_eps", "max_norm"):
         if k in hparams and not hparams[k] >= 0:

@@ -171,6 +171,37 @@ def test_dualproj_is_projection_of_mean():
 _cagrad = jax.jit(agg.cagrad, static_argnames="rescale")  # c traced: one compilation per shape
 
 
+def _disk_max(f, center, radius, rounds=40):
+    """Brute force: max of a concave f over the 2-D disk |d - center| <= radius (zoomed grids)."""
+    best, h = center.copy(), radius
+    for _ in range(rounds):
+        a, b = np.meshgrid(np.linspace(-h, h, 81), np.linspace(-h, h, 81))
+        ds = best + np.stack([a.ravel(), b.ravel()], 1)
+        ds = ds[np.linalg.norm(ds - center, axis=1) <= radius]
+        vals = f(ds)
+        best, h = ds[vals.argmax()], h * 0.7
+    return vals.max()
+
+
+@pytest.mark.parametrize("t, c", [(3, 0.9), (6, 0.5), (6, 0.9), (8, 0.7)])
+def test_cagrad_reaches_the_optimum_on_rows_in_a_plane(t, c):
+    """Rank-2 rows (more tasks than directions, 0 often inside their hull): CAGrad's primal
+    max_d min_i g_i·d over |d - g0| <= c|g0| is a concave maximum over a disk in the rows' plane,
+    found by brute force. An unguarded fixed-point iteration returned d = g0 on 41 of 200 such
+    draws at T = 6 (its spurious root s = 0) and oscillated on others."""
+    rng = np.random.default_rng(30 + t)
+    for _ in range(12):
+        j = _conflicting(rng, t, rank=2).astype(np.float64)
+        g0 = j.mean(0)
+        radius = c * np.linalg.norm(g0)
+        opt = _disk_max(lambda ds, j=j: (ds @ j[:, :2].T).min(1), g0[:2], radius)
+        d = np.asarray(_cagrad(j.astype(np.float32), c=c, rescale=0), np.float64)
+        scale = np.max(np.linalg.norm(j, axis=1)) * np.linalg.norm(g0)
+        # float32: g_w = wᵀJ nearly cancels here (0 close to the hull), so its norm carries ~1e-5
+        assert np.linalg.norm(d - g0) <= radius * (1 + 1e-4)
+        assert np.min(j @ d) >= opt - 1e-5 * scale, (np.min(j @ d), opt)
+
+
 def test_cagrad_c0_is_mean():
     j = _conflicting(np.random.default_rng(8), 6)
     np.testing.assert_allclose(_cagrad(j, c=0.0), j.astype(np.float64).mean(0), rtol=1e-5)
@@ -284,6 +315,36 @@ def test_graddrop_keeps_positive_side_with_probability_purity():
     d = np.asarray(agg.graddrop(jnp.asarray(j), KEY))
     assert set(np.unique(d)) <= {3.0, -1.0}
     assert abs(np.mean(d == 3.0) - 0.75) < 0.015
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_graddrop_in_half_precision_keeps_one_sign_of_every_mixed_coordinate(dtype):
+    """P > U keeps the positive entries, P < U the negative ones: one of the two always, as long
+    as P and U are never equal. Drawn in bfloat16 (128 levels in [0.5, 1)), they were equal on
+    ~0.4% of the mixed-sign coordinates, which then lost both signs (out = 0)."""
+    j = np.random.default_rng(17).normal(size=(3, 30_000)).astype(np.float32)
+    jh = jnp.asarray(j, dtype)
+    d = np.asarray(agg.graddrop(jh, KEY), np.float32)
+    jf = np.asarray(jh, np.float32)
+    mixed = (jf > 0).any(0) & (jf < 0).any(0)
+    assert mixed.sum() > 20_000
+    assert np.count_nonzero(d[mixed] == 0) == 0  # a sum of entries of one sign is never 0
+
+
+def test_nash_mtl_with_float16_rows_of_small_norm():
+    """Orthogonal rows of equal norm n: Gα = 1/α gives α_i = 1/n and d = Σ g_i / n, the sum of
+    the unit vectors (closed form). At n = 1e-5, α = 1e5 exceeds float16's 65504: the
+    combination now scales the weights, where it returned NaN."""
+    n = 1e-5
+    j = np.zeros((3, 64), np.float32)
+    j[0, 0], j[1, 1], j[2, 2] = n, n, n
+    nash = jax.jit(agg.nash_mtl)
+    d = np.asarray(nash(jnp.asarray(j, jnp.float16), max_norm=0.0), np.float64)
+    ref = np.zeros(64)
+    ref[:3] = 1.0
+    np.testing.assert_allclose(d, ref, atol=3e-3)  # float16 rows: 1e-5 is subnormal (~0.3%)
+    clipped = np.asarray(nash(jnp.asarray(j, jnp.float16), max_norm=1.0), np.float64)
+    np.testing.assert_allclose(clipped, ref / np.sqrt(3), atol=3e-3)
 
 
 def test_gradvac_reaches_target_cosine():
