@@ -165,9 +165,16 @@ def check_stages(trainer: Trainer, params, stages: Sequence[Stage]) -> None:
             )
         integer(f"stages[{i}].epochs", stage.epochs, 1)
         try:
-            trainer.task_ids(stage)
+            ids = trainer.task_ids(stage)
         except ValueError as e:
             raise ValueError(f"stages[{i}].{str(e).removeprefix('stage ')}") from e
+        if stage.alternating and trainer.config.order != "round_robin":
+            try:
+                trainer.stage_probs(ids)
+            except ValueError as e:
+                raise ValueError(
+                    f"stages[{i}]: {e}; give one of its tasks a probability > 0"
+                ) from e
         try:
             partition.selector_mask(params, stage.trainable)
         except ValueError as e:

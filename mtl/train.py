@@ -61,6 +61,12 @@ class Stage:
         if self.tasks is not None:
             if not self.tasks:
                 raise ValueError("stage tasks: empty; name at least one task (or None for all)")
+            twice = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+            if twice:
+                raise ValueError(
+                    f"stage tasks: {self.tasks!r} names {twice} more than once; name each task "
+                    "once (an alternating stage picks its tasks in turn or by TrainConfig.probs)"
+                )
 
 
 def make_schedule(
@@ -399,6 +405,17 @@ class Trainer:
             self._masks[key] = jax.device_put(mask)
         return self._masks[key]
 
+    def stage_probs(self, ids: Sequence[int]) -> np.ndarray:
+        """The sampling probabilities of a sampled alternating stage's tasks ``ids`` (TrainConfig
+        .probs, else uniform), normalised over them; refused when they are all 0."""
+        p = (self.probs_T if self.probs_T is not None else np.ones(len(self.tasks), np.float32))[
+            list(ids)
+        ]
+        if p.sum() <= 0:
+            names = [self.names[i] for i in ids]
+            raise ValueError(f"probs: every task of the stage {names} has probability 0")
+        return p / p.sum()
+
     def task_ids(self, stage: Stage) -> tuple[int, ...]:
         if stage.tasks is None:
             return tuple(range(len(self.tasks)))
@@ -567,13 +584,8 @@ class Trainer:
             if c.order == "round_robin":
                 t = jnp.asarray(ids)[state.step % len(ids)]
             else:
-                p = (self.probs_T if self.probs_T is not None else np.ones(T, np.float32))[ids]
-                if p.sum() <= 0:
-                    names = [self.names[i] for i in ids]
-                    raise ValueError(f"probs: every task of the stage {names} has probability 0")
-                t = jnp.asarray(ids)[
-                    jax.random.choice(k_task, len(ids), p=jnp.asarray(p / p.sum()))
-                ]
+                p = self.stage_probs(ids)
+                t = jnp.asarray(ids)[jax.random.choice(k_task, len(ids), p=jnp.asarray(p))]
             active_T = jax.nn.one_hot(t, T)
             mask = partition.and_masks(trainable, partition.task_mask(state.params, self.names, t))
         else:

@@ -11,6 +11,7 @@ validation into training would fail with another error.
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -64,6 +65,9 @@ CASES = [
      "'towers', 'heads', 'gates'), paths look like …"),
     ("fit later stage tasks", lambda c: fit_with(c, stages=(Stage(1), Stage(1, tasks=("clik",)))),
      "stages[1].tasks: unknown value 'clik'; did you mean 'click'…? valid: click, like, rating"),
+    ("stage tasks twice", lambda c: Stage(1, tasks=("click", "like", "like")),
+     "stage tasks: ('click', 'like', 'like') names ['like'] more than once; name each task once "
+     "(an alternating stage picks its tasks in turn or by TrainConfig.probs)"),
     ("fit no stages", lambda c: fit_with(c, stages=()),
      "stages: () must be a non-empty sequence of Stage; build it with mtl.train.make_schedule"),
     ("fit stage as a dict", lambda c: fit_with(c, stages=({"epochs": 1},)),
@@ -110,6 +114,22 @@ def test_run_input_raises_a_clear_error(ctx, call, expected):  # noqa: F811 - th
     msg = str(err.value)
     assert isinstance(err.value, USER_ERRORS)  # the command line prints one line, exit 2
     assert re.fullmatch(pattern(expected), msg), msg
+
+
+def test_a_later_sampled_stage_whose_tasks_all_have_probability_0_is_refused_up_front():
+    """fit checks every stage before the first step: a sampled alternating stage on tasks of
+    probability 0 only failed when it started, after the earlier stages had trained."""
+    ds = data()
+    model = build_model("shared_bottom", ds.feature_specs, ds.task_specs, trunk=(8,), tower=(4,))
+    tr = Trainer(
+        model, TrainConfig(order="sampled", probs={"click": 1.0, "like": 1.0, "rating": 0})
+    )
+    stages = (Stage(2), Stage(1, tasks=("rating",), alternating=True))
+    state = SimpleNamespace(params=tr.init(model).params)  # no step may run: it cannot train
+    with pytest.raises(ValueError, match=(
+        r"^stages\[1\]: probs: every task of the stage \['rating'\] has probability 0; give one "
+        r"of its tasks a probability > 0$")):  # fmt: skip
+        fit(tr, state, ds, stages, batch_size=4)
 
 
 @pytest.fixture(scope="module")
