@@ -84,6 +84,11 @@ def main(c: ConfigDict) -> int:
         ml, tuple(c.tasks), title_buckets=c.title_buckets, fit_rows=sp.train
     )
     train, val, test = data.take(sp.train), data.take(sp.val), data.take(sp.test)
+    if c.patience > 0 and not len(val):
+        raise ValueError(
+            f"patience: {c.patience} stops early on the validation split, but val_fraction="
+            f"{c.val_fraction} leaves it empty; pass a val_fraction > 0 or patience=0"
+        )
     print(
         f"MovieLens-{c.version}: {len(train):,} train / {len(val):,} val / {len(test):,} test rows, tasks {list(c.tasks)}"
     )
@@ -104,7 +109,10 @@ def main(c: ConfigDict) -> int:
         if c.patience > 0:
             spec["early_stopping"] = {"monitor": c.monitor, "patience": c.patience}
         print(f"-- {model} / {schedule}" + (f" / {aggregator}" if aggregator else ""))
-        runs.append(train_run(spec, train, test, val=val, rundir=rundir, progress=c.progress))
+        val_or_none = val if len(val) else None  # val_fraction=0: no validation curve
+        runs.append(
+            train_run(spec, train, test, val=val_or_none, rundir=rundir, progress=c.progress)
+        )
     add_delta_m(runs)
     plot_curves(rundir, runs)
     table = rundir.write_results(

@@ -94,6 +94,11 @@ def _prep(y_true, y_prob, mask, *, pred_name: str = "y_prob", probs: bool = True
     return t, p, _weights(mask, t.shape)
 
 
+def _wsum(w: Array, x: Array) -> Array:
+    """Σ w·x over the rows with w > 0: a masked-out row adds nothing, even a NaN (0·NaN = NaN)."""
+    return jnp.sum(jnp.where(w > 0, w * x, 0.0))
+
+
 def _counts(t: Array, p: Array, w: Array, threshold, axis=None):
     """Weighted (tp, fp, fn, tn) of labels t > 0.5 against predictions p >= threshold."""
     pos = t > 0.5
@@ -131,7 +136,7 @@ def _log_loss(t: Array, p: Array, w: Array, eps: float = EPS) -> Array:
     log_p = jnp.log(jnp.clip(p, eps, 1.0 - eps))
     log_q = jnp.log(jnp.clip(1.0 - p, eps, 1.0 - eps))
     ll = t * log_p + (1.0 - t) * log_q
-    return _div(-jnp.sum(w * ll), jnp.sum(w))
+    return _div(-_wsum(w, ll), jnp.sum(w))
 
 
 def _top_k(y_true, scores, k: int, mask, *, scores_name: str = "scores") -> Array:
@@ -205,13 +210,13 @@ def log_loss(y_true, y_prob, *, mask=None, eps: float = EPS) -> Array:
 def rmse(y_true, y_pred, *, mask=None) -> Array:
     """sqrt(mean((y − ŷ)²)); 0.0 if every row is masked."""
     t, p, w = _prep(y_true, y_pred, mask, pred_name="y_pred", probs=False)
-    return jnp.sqrt(_div(jnp.sum(w * (t - p) ** 2), jnp.sum(w)))
+    return jnp.sqrt(_div(_wsum(w, (t - p) ** 2), jnp.sum(w)))
 
 
 def mae(y_true, y_pred, *, mask=None) -> Array:
     """mean(|y − ŷ|); 0.0 if every row is masked."""
     t, p, w = _prep(y_true, y_pred, mask, pred_name="y_pred", probs=False)
-    return _div(jnp.sum(w * jnp.abs(t - p)), jnp.sum(w))
+    return _div(_wsum(w, jnp.abs(t - p)), jnp.sum(w))
 
 
 # ----------------------------------------------------------------------------- multiclass / label
@@ -258,8 +263,8 @@ def task_metrics(kind: str, y_true, pred, mask=None) -> dict[str, Array]:
     if kind == "regression":
         t, p, w = _prep(y_true, pred, mask, pred_name="pred", probs=False)
         return {
-            "rmse": jnp.sqrt(_div(jnp.sum(w * (t - p) ** 2), jnp.sum(w))),
-            "mae": _div(jnp.sum(w * jnp.abs(t - p)), jnp.sum(w)),
+            "rmse": jnp.sqrt(_div(_wsum(w, (t - p) ** 2), jnp.sum(w))),
+            "mae": _div(_wsum(w, jnp.abs(t - p)), jnp.sum(w)),
         }
     if kind == "multiclass":
         # Ranking by logits equals ranking by softmax probabilities (softmax is monotone) and

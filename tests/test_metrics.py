@@ -147,6 +147,28 @@ def test_rmse_mae_match_numpy(masked):
     np.testing.assert_allclose(float(M.mae(y, yhat, mask=m)), np.mean(np.abs(d)), rtol=1e-5)
 
 
+def test_a_nan_in_a_masked_out_row_is_ignored():
+    """NaN marks a missing label in many data sets: under mask 0 it must not reach the metric
+    (0·NaN = NaN made RMSE, MAE and log loss NaN). Reference: numpy on the kept rows."""
+    rng = np.random.default_rng(4)
+    y, yhat = rng.normal(size=40), rng.normal(size=40)
+    yb, p = (rng.random(40) < 0.5).astype(np.float64), rng.uniform(0.05, 0.95, 40)
+    mask = np.ones(40, np.float32)
+    mask[[3, 17]] = 0.0
+    y[3], yhat[17], yb[3] = np.nan, np.inf, np.nan
+    keep = mask > 0
+    d = y[keep] - yhat[keep]
+    np.testing.assert_allclose(float(M.rmse(y, yhat, mask=mask)), np.sqrt(np.mean(d**2)), rtol=1e-5)
+    np.testing.assert_allclose(float(M.mae(y, yhat, mask=mask)), np.mean(np.abs(d)), rtol=1e-5)
+    ll = -np.mean(yb[keep] * np.log(p[keep]) + (1 - yb[keep]) * np.log(1 - p[keep]))
+    np.testing.assert_allclose(float(M.log_loss(yb, p, mask=mask)), ll, rtol=1e-5)
+    out = M.task_metrics("regression", y, yhat, mask=mask)
+    np.testing.assert_allclose(float(out["rmse"]), np.sqrt(np.mean(d**2)), rtol=1e-5)
+    logit = np.log(p / (1 - p))
+    out = M.task_metrics("binary", yb, logit, mask=mask)
+    np.testing.assert_allclose(float(out["log_loss"]), ll, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- multiclass
 
 
