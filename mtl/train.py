@@ -502,7 +502,7 @@ class Trainer:
         k_drop, k_w, k_agg = jax.random.split(key, 3)
         needs_J = "jacobian" in self.weighting.needs
         weights = lambda losses_T: jax.lax.stop_gradient(
-            self.weighting.weights(state.weighting, losses_T, k_w) * active_T
+            self.weighting.weights(state.weighting, losses_T, k_w, active_T > 0) * active_T
         )
         if self.aggregator is not None and c.aggregate_on == "representation":
             # MGDA-UB style (Sener & Koltun 2018): aggregate on the shared representation z,
@@ -642,6 +642,7 @@ class Trainer:
             step=state.step,
             key=k_w,
             epoch_end=epoch_end,
+            active=active_T > 0,
         )
         new_w = self.weighting.update(state.weighting, info)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)

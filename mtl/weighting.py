@@ -31,28 +31,51 @@ class StepInfo(NamedTuple):
     step: Array  # int32 scalar
     key: Array  # PRNG key
     epoch_end: Array  # bool scalar: the step is the last of its epoch
+    active: Array | None = None  # [T] bool: the tasks that train in this step (None: all)
 
 
 class Weighting(NamedTuple):
-    """init(T) -> state; weights(state, losses_T, key) -> λ_T; update(state, info) -> state."""
+    """init(T) -> state; weights(state, losses_T, key, active_T=None) -> λ_T; update(state,
+    info) -> state.
+
+    ``active_T`` ([T] bool, None: all) are the tasks that train in the step (a stage on some
+    tasks, an alternating step): weights that are normalised over the tasks (a softmax, Σλ = T)
+    are normalised over these, and ``update`` leaves the other tasks' state alone, as their
+    parameters would get no gradient in a loss without their term."""
 
     init: Callable[[int], PyTree]
-    weights: Callable[[PyTree, Array, Array], Array]
+    weights: Callable[..., Array]
     update: Callable[[PyTree, StepInfo], PyTree]
     needs: frozenset[str]
 
 
-def _stateless(weights_fn: Callable[[Array, Array], Array]) -> Weighting:
+def _all_active(active_T: Array | None, losses_T: Array) -> Array:
+    return jnp.ones(losses_T.shape, bool) if active_T is None else jnp.asarray(active_T, bool)
+
+
+def _softmax_over(x_T: Array, a_T: Array) -> Array:
+    """softmax of x over the active entries a (0 elsewhere)."""
+    x_T = jnp.where(a_T, x_T, -jnp.inf)
+    e_T = jnp.where(a_T, jnp.exp(x_T - jnp.max(x_T)), 0.0)
+    return e_T / jnp.sum(e_T)
+
+
+def _stateless(weights_fn: Callable[[Array, Array, Array], Array]) -> Weighting:
     return Weighting(
         init=lambda t: (),
-        weights=lambda state, losses_T, key: jax.lax.stop_gradient(weights_fn(losses_T, key)),
+        weights=_stop(lambda state, losses_T, key, a_T: weights_fn(losses_T, key, a_T)),
         update=lambda state, info: state,
         needs=frozenset(),
     )
 
 
-def _stop(fn: Callable[[PyTree, Array, Array], Array]) -> Callable[[PyTree, Array, Array], Array]:
-    return lambda state, losses_T, key: jax.lax.stop_gradient(fn(state, losses_T, key))
+def _stop(fn: Callable[[PyTree, Array, Array, Array], Array]) -> Callable[..., Array]:
+    """weights(state, losses_T, key, active_T=None) with no gradient; fn gets the active mask."""
+
+    def weights(state, losses_T, key, active_T=None):
+        return jax.lax.stop_gradient(fn(state, losses_T, key, _all_active(active_T, losses_T)))
+
+    return weights
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,7 +89,7 @@ def fixed(num_tasks: int, weights: Sequence[float] | None = None) -> Weighting:
         raise ValueError(f"weighting 'fixed' weights: got {len(w)} values for {num_tasks} tasks")
     if not all(x >= 0 for x in w):
         raise ValueError(f"weighting 'fixed' weights: {w} must all be >= 0")
-    return _stateless(lambda losses_T, key: jnp.asarray(w, losses_T.dtype))
+    return _stateless(lambda losses_T, key, a_T: jnp.asarray(w, losses_T.dtype))
 
 
 def uncertainty(num_tasks: int, lr: float = 0.01, init_log_var: float = 0.0) -> Weighting:
@@ -83,12 +106,12 @@ def uncertainty(num_tasks: int, lr: float = 0.01, init_log_var: float = 0.0) -> 
     def update(state, info):
         s_T = state["log_var"]
         grad_T = 1.0 - jnp.exp(-s_T) * jax.lax.stop_gradient(info.losses)
-        s_T, adam = _adam_step(s_T, grad_T, state, lr)
+        s_T, adam = _adam_step(s_T, grad_T, state, lr, _all_active(info.active, info.losses))
         return {"log_var": s_T, **adam}
 
     return Weighting(
         init=lambda t: {"log_var": jnp.full((t,), init_log_var, jnp.float32), **_adam_init(t)},
-        weights=_stop(lambda state, losses_T, key: jnp.exp(-state["log_var"])),
+        weights=_stop(lambda state, losses_T, key, a_T: jnp.exp(-state["log_var"])),
         update=update,
         needs=frozenset(),
     )
@@ -101,18 +124,21 @@ def _adam_init(t: int) -> dict:
     return {
         "m": jnp.zeros((t,), jnp.float32),
         "v": jnp.zeros((t,), jnp.float32),
-        "count": jnp.zeros((), jnp.int32),
+        "count": jnp.zeros((t,), jnp.int32),
     }
 
 
-def _adam_step(x_T: Array, grad_T: Array, state: dict, lr: float) -> tuple[Array, dict]:
-    """One Adam step on x_T (bias-corrected moments from ``state``): (new x_T, new moments)."""
-    count = state["count"] + 1
-    m_T = _B1 * state["m"] + (1 - _B1) * grad_T
-    v_T = _B2 * state["v"] + (1 - _B2) * grad_T**2
-    m_hat = m_T / (1 - _B1**count)
-    v_hat = v_T / (1 - _B2**count)
-    return x_T - lr * m_hat / (jnp.sqrt(v_hat) + _EPS), {"m": m_T, "v": v_T, "count": count}
+def _adam_step(
+    x_T: Array, grad_T: Array, state: dict, lr: float, active_T: Array
+) -> tuple[Array, dict]:
+    """One Adam step on the active entries of x_T, each with its own step count (an entry that
+    starts later is bias-corrected afresh); the others and their moments unchanged."""
+    count = state["count"] + active_T.astype(jnp.int32)
+    m_T = jnp.where(active_T, _B1 * state["m"] + (1 - _B1) * grad_T, state["m"])
+    v_T = jnp.where(active_T, _B2 * state["v"] + (1 - _B2) * grad_T**2, state["v"])
+    n = jnp.maximum(count, 1)
+    step_T = lr * (m_T / (1 - _B1**n)) / (jnp.sqrt(v_T / (1 - _B2**n)) + _EPS)
+    return jnp.where(active_T, x_T - step_T, x_T), {"m": m_T, "v": v_T, "count": count}
 
 
 def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025) -> Weighting:
@@ -129,21 +155,25 @@ def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025) -> Weighting
                 "weighting 'gradnorm' needs StepInfo.jacobian (the per-task gradients of the "
                 "unweighted losses with respect to the shared parameters)"
             )
-        t = state["w"].shape[0]
         losses_T = jax.lax.stop_gradient(info.losses)
+        a_T = _all_active(info.active, losses_T)
+        n = jnp.sum(a_T)
+        mean = lambda x_T: jnp.sum(jnp.where(a_T, x_T, 0.0)) / n  # over the active tasks
         loss0_T = jnp.where(state["has_loss0"] > 0, state["loss0"], losses_T)  # L_i(0)
         w_T = state["w"]
         norm_T = jnp.sqrt(jnp.sum(jnp.square(info.jacobian), axis=1))  # |∇_W L_i|
         g_T = w_T * norm_T
         ratio_T = jnp.where(loss0_T > 0, losses_T / jnp.where(loss0_T > 0, loss0_T, 1.0), 1.0)
-        mean_ratio = jnp.mean(ratio_T)
+        mean_ratio = mean(ratio_T)
         r_T = jnp.where(mean_ratio > 0, ratio_T / jnp.where(mean_ratio > 0, mean_ratio, 1.0), 1.0)
-        target_T = jnp.mean(g_T) * r_T**alpha
-        scale = jnp.mean(norm_T)
+        target_T = mean(g_T) * r_T**alpha
+        scale = mean(norm_T)
         grad_T = jnp.sign(g_T - target_T) * norm_T / jnp.where(scale > 0, scale, 1.0)
-        w_T = jnp.maximum(w_T - lr * grad_T, 1e-6)
+        new_T = jnp.maximum(w_T - lr * grad_T, 1e-6)
+        # Σ w = T over all tasks: the active ones share what they held, the others keep theirs
+        new_T = new_T * jnp.sum(jnp.where(a_T, w_T, 0.0)) / jnp.sum(jnp.where(a_T, new_T, 0.0))
         return {
-            "w": t * w_T / jnp.sum(w_T),
+            "w": jnp.where(a_T, new_T, w_T),
             "loss0": loss0_T,
             "has_loss0": jnp.ones((), jnp.int32),
         }
@@ -154,7 +184,7 @@ def gradnorm(num_tasks: int, alpha: float = 1.5, lr: float = 0.025) -> Weighting
             "loss0": jnp.ones((t,), jnp.float32),
             "has_loss0": jnp.zeros((), jnp.int32),
         },
-        weights=_stop(lambda state, losses_T, key: state["w"]),
+        weights=_stop(lambda state, losses_T, key, a_T: state["w"]),
         update=update,
         needs=frozenset({"jacobian"}),
     )
@@ -179,10 +209,9 @@ def dwa(num_tasks: int, temperature: float = 2.0, period: int | None = None) -> 
             "periods": state["periods"] + jnp.asarray(done).astype(jnp.int32),
         }
 
-    def weights(state, losses_T, key):
-        t = losses_T.shape[0]
+    def weights(state, losses_T, key, a_T):
         r_T = state["prev"] / jnp.maximum(state["prev2"], 1e-12)
-        lam_T = t * jax.nn.softmax(r_T / temperature)
+        lam_T = jnp.sum(a_T) * _softmax_over(r_T / temperature, a_T)
         return jnp.where(state["periods"] >= 2, lam_T, jnp.ones_like(lam_T))
 
     return Weighting(
@@ -202,9 +231,9 @@ def dwa(num_tasks: int, temperature: float = 2.0, period: int | None = None) -> 
 def rlw(num_tasks: int) -> Weighting:
     """Lin et al. 2021: λ = T softmax(z), z ~ N(0, I) drawn from the step's key."""
     return _stateless(
-        lambda losses_T, key: (
-            losses_T.shape[0]
-            * jax.nn.softmax(jax.random.normal(key, losses_T.shape, losses_T.dtype))
+        lambda losses_T, key, a_T: (
+            jnp.sum(a_T)
+            * _softmax_over(jax.random.normal(key, losses_T.shape, losses_T.dtype), a_T)
         )
     )
 
@@ -214,19 +243,20 @@ def famo(num_tasks: int, gamma: float = 1e-3, lr: float = 0.025) -> Weighting:
     # As the official code: λ sums to 1, Adam (β = 0.9, 0.999, eps 1e-8) with coupled weight decay γ
     # (torch.optim.Adam(weight_decay=γ)), minimum losses taken as 0 (+1e-8).
 
-    def weights(state, losses_T, key):
-        z_T = jax.nn.softmax(state["xi"])
+    def weights(state, losses_T, key, a_T):
+        z_T = _softmax_over(state["xi"], a_T)
         zl_T = z_T / (losses_T + 1e-8)
         return zl_T / jnp.sum(zl_T)
 
     def update(state, info):
         if info.next_losses is None:
             raise ValueError("weighting 'famo' needs StepInfo.next_losses")
+        a_T = _all_active(info.active, info.losses)
         xi_T = state["xi"]
-        z_T = jax.nn.softmax(xi_T)
-        delta_T = jnp.log(info.losses + 1e-8) - jnp.log(info.next_losses + 1e-8)
+        z_T = _softmax_over(xi_T, a_T)
+        delta_T = jnp.where(a_T, jnp.log(info.losses + 1e-8) - jnp.log(info.next_losses + 1e-8), 0)
         grad_T = z_T * (delta_T - jnp.dot(z_T, delta_T)) + gamma * xi_T  # J_softmaxᵀ δ + γξ
-        xi_T, adam = _adam_step(xi_T, grad_T, state, lr)
+        xi_T, adam = _adam_step(xi_T, grad_T, state, lr, a_T)
         return {"xi": jax.lax.stop_gradient(xi_T), **adam}
 
     return Weighting(

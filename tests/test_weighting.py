@@ -319,3 +319,43 @@ def test_task_weights_with_a_weighting_that_sets_them_itself_are_refused(name):
     tr = Trainer(model(spec_weighted), TrainConfig(weighting="fixed"))
     w = tr.weighting.weights(tr.weighting.init(3), jnp.ones(3), KEY)
     np.testing.assert_array_equal(np.asarray(w), [0.0, 5.0, 1.0])
+
+
+@pytest.mark.parametrize("name", ["uncertainty", "gradnorm", "dwa", "rlw", "famo"])
+def test_a_stage_on_some_tasks_leaves_the_other_tasks_weighting_state_alone(name):
+    """In a loss without task i's term, i's weighting parameters get no gradient (Kendall's s_i,
+    FAMO's ξ_i): on a stage on 'click' and 'like', 'rating''s state entries stay bit-identical,
+    and weights normalised over the tasks (RLW, DWA: Σλ = n; FAMO: Σλ = 1) are normalised over
+    the two. With one task (an alternating step), FAMO and RLW give it λ = 1. Before, FAMO's λ of
+    a lone training task fell 0.48 -> 0.19 in 40 steps, as if the idle tasks failed to improve."""
+    from mtl.data import synthetic
+    from mtl.data.batching import Dataset, epoch_batches
+    from mtl.models import build_model
+    from mtl.train import Stage, TrainConfig, Trainer
+
+    f, l, fs, ts = synthetic.recsys(n=320, num_users=30, num_items=40, seed=4)
+    data = Dataset(f, l, fs, ts)
+    model = build_model("shared_bottom", fs, ts, trunk=(8,), tower=(4,))
+    kw = {"period": 2} if name == "dwa" else {}  # DWA: weights from step 4 on
+    tr = Trainer(model, TrainConfig(learning_rate=5e-2, weighting=name, weighting_kwargs=kw))
+    st = tr.init(model, seed=0)
+    before = jax.tree.map(np.asarray, st.weighting)
+    batches = epoch_batches(data, 32, jax.random.key(0))  # 10 steps
+    st, m = tr.run(st, batches, Stage(1, tasks=("click", "like")))
+    after = jax.tree.map(np.asarray, st.weighting)
+    trained = {  # the per-task parameters of each weighting and their optimizer state
+        "uncertainty": ("log_var", "m", "v", "count"),
+        "gradnorm": ("w",),  # (loss0 records every task's first loss, as its name says)
+        "famo": ("xi", "m", "v", "count"),
+    }
+    for k in trained.get(name, ()):
+        np.testing.assert_array_equal(after[k][2], before[k][2])
+        assert not np.array_equal(after[k][:2], before[k][:2])  # the active ones moved
+    lam = np.asarray(m["weights"])
+    np.testing.assert_array_equal(lam[:, 2], 0.0)
+    sums = {"rlw": 2.0, "dwa": 2.0, "famo": 1.0}
+    if name in sums:
+        np.testing.assert_allclose(lam[4:].sum(1), sums[name], rtol=1e-5)
+    if name in ("famo", "rlw"):
+        _, m1 = tr.run(st, batches, Stage(1, tasks=("like",)))
+        np.testing.assert_allclose(np.asarray(m1["weights"])[:, 1], 1.0, rtol=1e-6)
