@@ -653,7 +653,7 @@ class Trainer:
             params=params,
             rest=state.rest,
             opt_state=opt_state,
-            weighting=keep(new_w, state.weighting),
+            weighting=keep(new_w, self._skipped_weighting(state.weighting, info, halted)),
             aggregator=keep(agg_state, state.aggregator),
             key=state.key,
             skipped=state.skipped + (~finite & ~state.halted).astype(jnp.int32),
@@ -669,6 +669,14 @@ class Trainer:
             "step": state.step,
         }
         return new_state, metrics
+
+    def _skipped_weighting(self, w_state, info, halted):
+        """The weighting state after a non-finite step: unchanged, or under nan_policy='skip' its
+        ``skip`` (DWA still closes the epoch that a skipped step ends)."""
+        if self.weighting.skip is None:
+            return w_state
+        skipped = self.weighting.skip(w_state, info)
+        return jax.tree.map(lambda o, n: jnp.where(halted, o, n), w_state, skipped)
 
     def _analysis(self, state: TrainState, batch) -> dict:
         """Gradient statistics (mtl.analysis.summarize) of the raw per-task shared Jacobian, at the

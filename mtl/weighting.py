@@ -47,6 +47,9 @@ class Weighting(NamedTuple):
     weights: Callable[..., Array]
     update: Callable[[PyTree, StepInfo], PyTree]
     needs: frozenset[str]
+    # skip(state, info) -> state after a step skipped as non-finite (nan_policy='skip'); its
+    # losses are not to be used. None: the state is unchanged.
+    skip: Callable[[PyTree, StepInfo], PyTree] | None = None
 
 
 def _all_active(active_T: Array | None, losses_T: Array) -> Array:
@@ -197,17 +200,25 @@ def dwa(num_tasks: int, temperature: float = 2.0, period: int | None = None) -> 
     the first two epochs); an int: every ``period`` steps (period 1: ratios of consecutive
     mini-batch losses, noisier)."""
 
-    def update(state, info):
-        total_T = state["total"] + jax.lax.stop_gradient(info.losses)
-        count = state["count"] + 1
-        done = info.epoch_end if period is None else count >= period
+    def close(state, total_T, count, done):
+        """End the period when ``done`` (and it holds a step): its mean becomes the newest."""
+        done = done & (count > 0)
         return {
             "total": jnp.where(done, 0.0, total_T),
             "count": jnp.where(done, 0, count),
-            "prev": jnp.where(done, total_T / count, state["prev"]),
+            "prev": jnp.where(done, total_T / jnp.maximum(count, 1), state["prev"]),
             "prev2": jnp.where(done, state["prev"], state["prev2"]),
-            "periods": state["periods"] + jnp.asarray(done).astype(jnp.int32),
+            "periods": state["periods"] + done.astype(jnp.int32),
         }
+
+    def update(state, info):
+        total_T = state["total"] + jax.lax.stop_gradient(info.losses)
+        count = state["count"] + 1
+        return close(state, total_T, count, info.epoch_end if period is None else count >= period)
+
+    def skip(state, info):  # a skipped step adds no loss, but an epoch still ends with it
+        done = jnp.asarray(info.epoch_end) if period is None else jnp.asarray(False)
+        return close(state, state["total"], state["count"], done)
 
     def weights(state, losses_T, key, a_T):
         r_T = state["prev"] / jnp.maximum(state["prev2"], 1e-12)
@@ -225,6 +236,7 @@ def dwa(num_tasks: int, temperature: float = 2.0, period: int | None = None) -> 
         weights=_stop(weights),
         update=update,
         needs=frozenset(),
+        skip=skip,
     )
 
 
@@ -314,7 +326,8 @@ def get_weighting(name: str, num_tasks: int, **hparams: Any) -> Weighting:
         hint = "; pass None (a period is an epoch) or a number of steps"
         hparams["period"] = integer("weighting 'dwa' period", hparams["period"], 1, hint)
     w = fn(int(num_tasks), **hparams)
-    return w._replace(update=_keeping_dtypes(w.update))
+    skip = None if w.skip is None else _keeping_dtypes(w.skip)
+    return w._replace(update=_keeping_dtypes(w.update), skip=skip)
 
 
 def _keeping_dtypes(update: Callable[[PyTree, StepInfo], PyTree]) -> Callable:

@@ -359,3 +359,29 @@ def test_a_stage_on_some_tasks_leaves_the_other_tasks_weighting_state_alone(name
     if name in ("famo", "rlw"):
         _, m1 = tr.run(st, batches, Stage(1, tasks=("like",)))
         np.testing.assert_allclose(np.asarray(m1["weights"])[:, 1], 1.0, rtol=1e-6)
+
+
+def test_dwa_closes_an_epoch_whose_last_step_is_skipped():
+    """nan_policy='skip': a non-finite step adds no loss, but when it is the last of its epoch the
+    epoch still ends there. Before, the whole weighting state was rolled back with the step, and
+    DWA merged that epoch with the next (periods 0, count 3 after epoch 0)."""
+    from mtl.data import synthetic
+    from mtl.data.batching import Dataset, epoch_batches
+    from mtl.models import build_model
+    from mtl.train import Stage, TrainConfig, Trainer
+
+    f, l, fs, ts = synthetic.recsys(n=128, num_users=30, num_items=40, seed=4)
+    data = Dataset(f, l, fs, ts)
+    model = build_model("shared_bottom", fs, ts, trunk=(8,), tower=(4,))
+    tr = Trainer(model, TrainConfig(learning_rate=1e-2, nan_policy="skip", weighting="dwa"))
+    b = jax.tree.map(np.array, epoch_batches(data, 32, jax.random.key(0)))  # 4 steps
+    name = next(t.name for t in ts if t.kind == "regression")
+    b["labels"][name][3, 0] = np.nan  # the epoch's last step: a NaN loss
+    st, m = tr.run(tr.init(model, seed=0), b, Stage(1))
+    finite = np.asarray(m["finite"])
+    assert finite.tolist() == [True, True, True, False]
+    w = jax.device_get(st.weighting)
+    losses = np.asarray(m["losses"], np.float64)[:3].mean(0)  # the finite steps' mean (numpy)
+    assert int(w["periods"]) == 1 and int(w["count"]) == 0
+    np.testing.assert_allclose(w["prev"], losses, rtol=1e-6)
+    np.testing.assert_array_equal(w["total"], 0.0)
