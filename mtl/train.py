@@ -168,27 +168,55 @@ class PerLeafState(NamedTuple):
     leaves: list
 
 
+def _state_mask(x: jax.Array, m: jax.Array, shape: tuple) -> jax.Array:
+    """The mask of one optimizer-state array ``x`` of a leaf of ``shape`` whose update mask is
+    ``m``: a scalar (a step count) moves when any of the leaf trains, a [T] count of a stacked
+    leaf when any of its slice does, moments follow ``m`` element-wise."""
+    if x.ndim == 0:
+        return jnp.any(m)
+    if x.ndim == 1 and len(shape) > 1 and x.shape[0] == shape[0]:  # per-slice counts
+        return jnp.broadcast_to(m, shape).reshape(shape[0], -1).any(1)
+    return m
+
+
 def all_finite(tree: Any) -> jax.Array:
     """True when every element of every leaf is finite (no inf, no NaN): one fused reduction."""
     flat = jnp.concatenate([g.reshape(-1) for g in jax.tree.leaves(tree)])
     return jnp.isfinite(flat).all()
 
 
-def per_leaf(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+def per_leaf(
+    tx: optax.GradientTransformation, stacked: Sequence[bool] | None = None
+) -> optax.GradientTransformation:
     """``tx`` applied to every parameter leaf on its own: each leaf keeps its own step count, so
     a group frozen for a stage (its update masked, its moments unchanged) starts Adam's bias
     correction afresh when it trains, as PyTorch's per-parameter ``step`` does; one shared count
     would have corrected its fresh moments as old ones (the first step up to ~3x, later ones up
-    to ~6x the learning rate). Only for element-wise optimizers (the built-in ones): a transform
-    that reads the whole tree (clip_by_global_norm) would see one leaf at a time."""
+    to ~6x the learning rate). ``stacked`` (per leaf, in leaf order): leaves whose leading axis
+    holds one slice per task (soft sharing's, PLE's and cross-stitch's ``columns``) get ``tx``
+    vmapped over that axis, so each task's slice has its own count too. Only for element-wise
+    optimizers (the built-in ones): a transform that reads the whole tree
+    (clip_by_global_norm) would see one leaf at a time."""
+
+    def flags(n):
+        return [False] * n if stacked is None else list(stacked)
 
     def init(params):
-        return PerLeafState([tx.init(p) for p in jax.tree.leaves(params)])
+        leaves = jax.tree.leaves(params)
+        return PerLeafState(
+            [
+                jax.vmap(tx.init)(p) if f else tx.init(p)
+                for p, f in zip(leaves, flags(len(leaves)), strict=True)
+            ]
+        )
 
     def update(updates, state, params=None):
         leaves, treedef = jax.tree.flatten(updates)
         ps = jax.tree.leaves(params) if params is not None else [None] * len(leaves)
-        out = [tx.update(u, s, p) for u, s, p in zip(leaves, state.leaves, ps, strict=True)]
+        out = [
+            (jax.vmap(tx.update) if f else tx.update)(u, s, p)
+            for u, s, p, f in zip(leaves, state.leaves, ps, flags(len(leaves)), strict=True)
+        ]
         return treedef.unflatten([u for u, _ in out]), PerLeafState([s for _, s in out])
 
     return optax.GradientTransformation(init, update)
@@ -285,7 +313,9 @@ class Trainer:
                 raise unknown("optimizer", c.optimizer, OPTIMIZERS)
             if not c.learning_rate > 0:
                 raise ValueError(f"learning_rate: {c.learning_rate} must be > 0")
-            tx = per_leaf(OPTIMIZERS[c.optimizer](c.learning_rate))
+            table, _ = partition.owner_table(nnx.state(model, nnx.Param), self.names)
+            self._stacked = [row is None for row in table]  # columns: one slice per task
+            tx = per_leaf(OPTIMIZERS[c.optimizer](c.learning_rate), self._stacked)
         self.tx = tx
         self.aggregator = (
             None
@@ -618,12 +648,18 @@ class Trainer:
         mask = jax.tree.map(lambda m: jnp.logical_and(m, ok), mask)
         params = jax.tree.map(jnp.where, mask, new_params, state.params)
         # per leaf: the moments take the leaf's mask (a slice of stacked per-task columns too),
-        # its step count moves when any of it trains
+        # its step count moves when any of it trains (for stacked columns: a count per slice)
         if isinstance(state.opt_state, PerLeafState):
+            leaves = zip(
+                state.opt_state.leaves,
+                jax.tree.leaves(mask),
+                jax.tree.leaves(state.params),
+                strict=True,
+            )
             opt_mask = PerLeafState(
                 [
-                    jax.tree.map(lambda x, m=m: jnp.any(m) if x.ndim == 0 else m, s)
-                    for s, m in zip(state.opt_state.leaves, jax.tree.leaves(mask), strict=True)
+                    jax.tree.map(lambda x, m=m, p=p: _state_mask(x, m, p.shape), s)
+                    for s, m, p in leaves
                 ]
             )
         else:

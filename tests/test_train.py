@@ -188,6 +188,32 @@ def test_a_group_frozen_for_a_stage_starts_adam_afresh(data):
         assert np.median(moved[moved > 0]) > 0.999, k  # lr where |g| >> eps
 
 
+@pytest.mark.parametrize("name", ["soft_sharing", "ple"])
+def test_a_task_slice_of_stacked_columns_starts_adam_afresh(data, name):
+    """Soft sharing and PLE stack the tasks' columns in one leaf. After 8 steps of a stage on
+    'click' alone, the first joint step is the first Adam step of the other tasks' slices: each
+    entry moves by lr·|g|/(|g| + eps) <= lr (the closed form of a first step), not by a multiple
+    of it. With one step count per leaf, those slices moved by 2.5·lr."""
+    lr = 1e-2
+    sizes = SIZES if name == "soft_sharing" else {}
+    model = build_model(name, data.feature_specs, data.task_specs, **sizes)
+    tr = Trainer(model, TrainConfig(learning_rate=lr))
+    st = tr.init(model)
+    b = batches_of(data)
+    st, _ = tr.run(st, b, Stage(1, tasks=("click",)))
+    before = leaves_with_paths(st.params)
+    st, _ = tr.run(st, one_step(b, 0), Stage(1))
+    after = leaves_with_paths(st.params)
+    cols = [k for k in before if k.startswith("columns")]
+    assert cols
+    for k in cols:
+        for i in (1, 2):  # like and rating: idle in the first stage
+            moved = np.abs(after[k][i] - before[k][i]) / lr
+            assert moved.max() <= 1.0 + 1e-3, (k, i)
+            if (moved > 0).any():
+                assert np.median(moved[moved > 0]) > 0.99, (k, i)
+
+
 def test_alternating_on_stacked_columns_changes_only_that_slice(data):
     """Soft sharing stacks the tasks' columns in one leaf: an alternating step changes task t's
     slice of the parameters and of their Adam moments (warmed by a joint step first) only."""
