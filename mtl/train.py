@@ -127,7 +127,7 @@ class TrainConfig:
     """Static training options."""
 
     learning_rate: float = 1e-3
-    optimizer: str = "adam"
+    optimizer: str = "adam"  # adam | adamw (optax's weight decay 1e-4) | sgd | adagrad
     weights: dict | None = None  # task -> λ of weighting 'fixed' (defaults to TaskSpec.weight)
     l1: float = 0.0
     l2: float = 0.0
