@@ -202,7 +202,8 @@ def test_the_finiteness_check_covers_the_weighting_and_aggregator_states(data):
     tr, model = make(data, weighting="uncertainty", aggregator="pcgrad")
     st = tr.init(model, seed=3)
     assert _nonfinite_part(st) is None
-    w = jax.tree.map(lambda x: x.at[0].set(jnp.nan) if x.ndim else x, st.weighting)
+    nan_first = lambda x: x.at[0].set(jnp.nan) if x.ndim and x.dtype.kind == "f" else x
+    w = jax.tree.map(nan_first, st.weighting)
     assert _nonfinite_part(st._replace(weighting=w)) == "weighting"
     agg = {"ema": jnp.asarray([1.0, jnp.inf]), "count": jnp.zeros((), jnp.int32)}
     assert _nonfinite_part(st._replace(aggregator=agg)) == "aggregator"
