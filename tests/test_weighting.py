@@ -321,7 +321,7 @@ def test_task_weights_with_a_weighting_that_sets_them_itself_are_refused(name):
     np.testing.assert_array_equal(np.asarray(w), [0.0, 5.0, 1.0])
 
 
-@pytest.mark.parametrize("name", ["uncertainty", "gradnorm", "dwa", "rlw", "famo"])
+@pytest.mark.parametrize("name", ["uncertainty", "gradnorm", "rlw", "famo"])  # DWA: as RLW
 def test_a_stage_on_some_tasks_leaves_the_other_tasks_weighting_state_alone(name):
     """In a loss without task i's term, i's weighting parameters get no gradient (Kendall's s_i,
     FAMO's ξ_i): on a stage on 'click' and 'like', 'rating''s state entries stay bit-identical,
