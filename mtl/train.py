@@ -168,13 +168,13 @@ class PerLeafState(NamedTuple):
     leaves: list
 
 
-def _state_mask(x: jax.Array, m: jax.Array, shape: tuple) -> jax.Array:
+def _state_mask(x: jax.Array, m: jax.Array, shape: tuple, stacked: bool) -> jax.Array:
     """The mask of one optimizer-state array ``x`` of a leaf of ``shape`` whose update mask is
-    ``m``: a scalar (a step count) moves when any of the leaf trains, a [T] count of a stacked
-    leaf when any of its slice does, moments follow ``m`` element-wise."""
+    ``m``: a scalar (a step count) moves when any of the leaf trains, the [T] counts of a stacked
+    leaf (``per_leaf(..., stacked)``) each when any of its slice does, moments follow ``m``."""
     if x.ndim == 0:
         return jnp.any(m)
-    if x.ndim == 1 and len(shape) > 1 and x.shape[0] == shape[0]:  # per-slice counts
+    if stacked and x.shape == shape[:1]:  # one count per task slice
         return jnp.broadcast_to(m, shape).reshape(shape[0], -1).any(1)
     return m
 
@@ -308,13 +308,13 @@ class Trainer:
             if (p < 0).any() or p.sum() <= 0:
                 raise ValueError(f"probs: {c.probs} must be >= 0 with a positive sum")
             self.probs_T = p / p.sum()
+        table, _ = partition.owner_table(nnx.state(model, nnx.Param), self.names)
+        self._stacked = [row is None for row in table]  # columns: one slice per task
         if tx is None:
             if c.optimizer not in OPTIMIZERS:
                 raise unknown("optimizer", c.optimizer, OPTIMIZERS)
             if not c.learning_rate > 0:
                 raise ValueError(f"learning_rate: {c.learning_rate} must be > 0")
-            table, _ = partition.owner_table(nnx.state(model, nnx.Param), self.names)
-            self._stacked = [row is None for row in table]  # columns: one slice per task
             tx = per_leaf(OPTIMIZERS[c.optimizer](c.learning_rate), self._stacked)
         self.tx = tx
         self.aggregator = (
@@ -654,12 +654,13 @@ class Trainer:
                 state.opt_state.leaves,
                 jax.tree.leaves(mask),
                 jax.tree.leaves(state.params),
+                self._stacked,
                 strict=True,
             )
             opt_mask = PerLeafState(
                 [
-                    jax.tree.map(lambda x, m=m, p=p: _state_mask(x, m, p.shape), s)
-                    for s, m, p in leaves
+                    jax.tree.map(lambda x, m=m, p=p, f=f: _state_mask(x, m, p.shape, f), s)
+                    for s, m, p, f in leaves
                 ]
             )
         else:
