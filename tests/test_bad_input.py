@@ -7,7 +7,6 @@ exit 2, without a traceback. In the expected messages ``…`` stands for any tex
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -286,17 +285,10 @@ def cli_cases(tmp: Path) -> list[tuple[str, list[str], dict, str]]:
 
 
 @pytest.fixture(scope="module")
-def cli_results(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, str]]:
+def cli_results(tmp_path_factory, child_env) -> dict[str, tuple[subprocess.CompletedProcess, str]]:
     """Run every command-line case (4 at a time) once."""
     tmp = tmp_path_factory.mktemp("cli")
-    base = tmp_path_factory.getbasetemp()
-    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-cache"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": str(cache),  # shared with tests/test_reliability.py
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
+    env = child_env
 
     def one(case):
         name, args, extra, expected = case

@@ -39,22 +39,6 @@ LONGER = ("--config.epochs=6", "--config.save_every=10")  # 180 steps, chunks of
 TIMEOUT = 240
 
 
-@pytest.fixture(scope="session")
-def child_env(tmp_path_factory) -> dict[str, str]:
-    """Environment of the children: CPU, one device, a compilation cache shared by the session."""
-    base = tmp_path_factory.getbasetemp()
-    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-cache"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
 def train_cmd(workdir: Path, *extra: str) -> list[str]:
     return [sys.executable, str(SCRIPT), *TINY, f"--config.workdir={workdir}", *extra]
 
