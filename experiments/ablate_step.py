@@ -11,6 +11,9 @@
              plain J Jᵀ and vs the blocked Gram of before (J written into [1024, T, P/1024]
              blocks, G a batched matmul over them); representation-level MGDA, T = 8 (rows of
              B x 128).
+- ``narrow``: the kernels of the task heads and MMoE's gates stored [out, in]
+             (``base.NarrowLinear``, the default) vs [in, out] (``nnx.Linear``, as before):
+             shared bottom at T = 3 (a 19-way head) and T = 8, MMoE at T = 3.
 - ``copies``: representation-level MGDA (T = 8): each task decoding its own copy of the
              representation (``MTLModel.decode_each``, one matmul per tower) vs the shared
              bottom's fused first tower layers with a custom VJP (``base.towers_on_copies``).
@@ -41,9 +44,10 @@ from typing import Any
 import benchmark as B  # experiments/benchmark.py: python puts the script's folder on sys.path
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from mtl import aggregation, losses, partition, train
-from mtl.models import shared_bottom
+from mtl.models import base, mmoe, shared_bottom
 from mtl.models.base import MTLModel, head_output, towers_on_shared_input
 from mtl.train import TrainConfig, Trainer
 
@@ -157,6 +161,14 @@ def blocked_gram() -> contextlib.ExitStack:
     return stack
 
 
+def in_out_kernels() -> contextlib.ExitStack:
+    """Heads and gates as before: ``nnx.Linear``, kernels stored [in, out]."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(patched(base, "NarrowLinear", nnx.Linear))
+    stack.enter_context(patched(mmoe, "NarrowLinear", nnx.Linear))
+    return stack
+
+
 def per_copy_decode() -> contextlib.AbstractContextManager:
     """Representation-level aggregation as before: every copy decoded apart (one matmul per tower
     forward, weight gradient and input gradient)."""
@@ -222,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--only",
-        choices=("bce", "towers", "gram", "copies", "optimizer", "xla", "chunk"),
+        choices=("bce", "towers", "narrow", "gram", "copies", "optimizer", "xla", "chunk"),
         default=None,
     )
     p.add_argument("--batch-sizes", default="256,4096")
@@ -242,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
                 compare("towers", towers, b, t, a.repeats)
             upgrad = [("apart (the trainer's choice)", now), ("fused, forced", forced_fusion)]
             compare("towers, UPGrad", upgrad, b, 3, a.repeats, aggregator="upgrad")
+        if a.only in (None, "narrow"):
+            kernels = [("[in, out] (nnx.Linear)", in_out_kernels), ("[out, in]", now)]
+            for t in (3, 8):
+                compare("head kernels, shared bottom", kernels, b, t, a.repeats)
+            compare("head and gate kernels, MMoE", kernels, b, 3, a.repeats, model="mmoe")
         if a.only in (None, "gram") and b * 128 >= 128 * 1024:
             grams = [
                 ("plain J Jᵀ", plain_gram),

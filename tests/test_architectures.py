@@ -65,8 +65,9 @@ def np_mlp(x, mlp) -> np.ndarray:
     return x
 
 
-def np_linear(x, lin) -> np.ndarray:
-    y = x @ arr(lin.kernel)
+def np_narrow(x, lin) -> np.ndarray:
+    """A head or gate (``mtl.models.base.NarrowLinear``): its kernel is stored [out, in]."""
+    y = x @ arr(lin.kernel).T
     return y + arr(lin.bias) if lin.bias is not None else y
 
 
@@ -143,6 +144,28 @@ def test_parameter_counts_match_hand_formulas():
 
 
 # ---------------------------------------------------------------- numpy references
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_narrow_linear_is_nnx_linear_with_its_kernel_stored_out_by_in(use_bias):
+    """Heads and gates start from nnx.Linear's values (kernel transposed), and their outputs and
+    gradients are nnx.Linear's, the kernel's gradient transposed too."""
+    from mtl.models.base import NarrowLinear
+
+    head = NarrowLinear(6, 5, use_bias=use_bias, rngs=nnx.Rngs(4))
+    lin = nnx.Linear(6, 5, use_bias=use_bias, rngs=nnx.Rngs(4))
+    assert head.kernel.shape == (5, 6)
+    np.testing.assert_array_equal(arr(head.kernel).T, arr(lin.kernel))
+    x = jax.random.normal(jax.random.key(0), (7, 6))
+    y = jax.random.normal(jax.random.key(1), (7, 5))
+    close(head(x), np_narrow(np.asarray(x, np.float64), head), 1e-6)
+    grad = lambda m: nnx.grad(lambda m: jnp.sum((m(x) - y) ** 2))(m)
+    gh, gl = grad(head), grad(lin)
+    close(gh["kernel"][...].T, gl["kernel"][...], 1e-6)
+    if use_bias:
+        close(gh["bias"][...], gl["bias"][...], 1e-6)
+    else:
+        assert head.bias is None
+
+
 def test_mmoe_matches_numpy_reference_and_gates_sum_to_one():
     feats, _ = dense_data(8)
     model = build_model("mmoe", MMOE_FEATS, MMOE_TASKS, **SMALL["mmoe"])
@@ -150,9 +173,9 @@ def test_mmoe_matches_numpy_reference_and_gates_sum_to_one():
     x = feats["x"].astype(np.float64)
     experts_BxExH = np.stack([np_expert(x, model.experts, e) for e in range(3)], axis=1)
     for t in ("t1", "t2"):
-        gate_BxE = softmax(np_linear(x, model.gates[t]))
+        gate_BxE = softmax(np_narrow(x, model.gates[t]))
         mixed_BxH = np.einsum("be,beh->bh", gate_BxE, experts_BxExH)
-        y_B = np_linear(np_mlp(mixed_BxH, model.towers[t]), model.heads[t])[:, 0]
+        y_B = np_narrow(np_mlp(mixed_BxH, model.towers[t]), model.heads[t])[:, 0]
         close(preds[t], y_B)
         close(aux["gates"][t], gate_BxE)
         close(np.sum(aux["gates"][t], axis=-1), np.ones(8))
@@ -171,18 +194,18 @@ def test_ple_matches_numpy_reference_and_gates_sum_to_one():
         shared = [np_expert(shared_in, model.experts[l], s) for s in range(S)]
         new = []
         for k, t in enumerate(names):
-            g = softmax(np_linear(task_in[k], model.gates[t][l]))
+            g = softmax(np_narrow(task_in[k], model.gates[t][l]))
             if l == 1:
                 close(aux["gates"][t], g)
                 close(np.sum(aux["gates"][t], -1), np.ones(8))
             new.append(sum(g[:, i : i + 1] * f for i, f in enumerate(own[k] + shared)))
         if l == 0:
-            g = softmax(np_linear(shared_in, model.shared_gates[0]))
+            g = softmax(np_narrow(shared_in, model.shared_gates[0]))
             every = [f for fs in own for f in fs] + shared
             shared_in = sum(g[:, i : i + 1] * f for i, f in enumerate(every))
         task_in = new
     for k, t in enumerate(names):
-        y = np_linear(np_mlp(task_in[k], model.towers[t]), model.heads[t])[:, 0]
+        y = np_narrow(np_mlp(task_in[k], model.towers[t]), model.heads[t])[:, 0]
         close(preds[t], y)
 
 
@@ -198,7 +221,7 @@ def test_cross_stitch_matches_numpy_and_identity_units_give_independent_columns(
         h = x
         for layer in model.columns:
             h = relu(h @ arr(layer.kernel)[k] + arr(layer.bias)[k])
-        close(preds[t], np_linear(h, model.heads[t])[:, 0])
+        close(preds[t], np_narrow(h, model.heads[t])[:, 0])
     # paper init (0.9 / 0.1); then asymmetric units against a numpy forward pass with the mixing
     model = build_model("cross_stitch", MMOE_FEATS, MMOE_TASKS, tower=(W,), **kw)
     close(arr(model.stitch)[0], [[0.9, 0.1], [0.1, 0.9]], 1e-7)
@@ -210,7 +233,7 @@ def test_cross_stitch_matches_numpy_and_identity_units_give_independent_columns(
         a = arr(model.stitch)[l]
         hs = [a[k, 0] * outs[0] + a[k, 1] * outs[1] for k in range(2)]
     for k, t in enumerate(("t1", "t2")):
-        close(preds[t], np_linear(np_mlp(hs[k], model.towers[t]), model.heads[t])[:, 0])
+        close(preds[t], np_narrow(np_mlp(hs[k], model.towers[t]), model.heads[t])[:, 0])
     # three tasks: rows of the init sum to 1, off-diagonal (1 − 0.9)/2
     tasks3 = (*MMOE_TASKS, TaskSpec("t3", "regression"))
     a3 = arr(build_model("cross_stitch", MMOE_FEATS, tasks3).stitch)[0]
@@ -321,7 +344,7 @@ def test_shared_bottom_fused_towers_match_numpy_and_per_tower_path():
     preds, _ = model(feats)
     h = np_mlp(np.asarray(feats["x"], np.float64), model.trunk)
     for t in tasks:
-        want = np_linear(np_mlp(h, model.towers[t.name]), model.heads[t.name])
+        want = np_narrow(np_mlp(h, model.towers[t.name]), model.heads[t.name])
         close(preds[t.name], want[:, 0] if t.size == 1 else want)
 
     def outputs_and_grads(fused, dropout_key):

@@ -17,7 +17,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtl.models.base import FeatureEncoder, MTLModel, head_output, towers_and_heads
+from mtl.models.base import (
+    FeatureEncoder,
+    MTLModel,
+    NarrowLinear,
+    head_output,
+    towers_and_heads,
+)
 from mtl.spec import FeatureSpec, TaskSpec
 
 Array = jax.Array
@@ -121,7 +127,10 @@ class MMoE(MTLModel):
 
     def _make_gates(self, in_dim: int, num_experts: int, bias: bool, rngs: nnx.Rngs) -> None:
         self.gates = nnx.Dict(
-            {t.name: nnx.Linear(in_dim, num_experts, use_bias=bias, rngs=rngs) for t in self.tasks}
+            {
+                t.name: NarrowLinear(in_dim, num_experts, use_bias=bias, rngs=rngs)
+                for t in self.tasks
+            }
         )
 
     def _gate(self, task: str, inputs_BxD: Array) -> Array:
@@ -151,7 +160,7 @@ class OMoE(MMoE):
     """MMoE with one softmax gate g(x) shared by every task: y_k = h_k(Σ_i g(x)_i f_i(x))."""
 
     def _make_gates(self, in_dim: int, num_experts: int, bias: bool, rngs: nnx.Rngs) -> None:
-        self.gate = nnx.Linear(in_dim, num_experts, use_bias=bias, rngs=rngs)
+        self.gate = NarrowLinear(in_dim, num_experts, use_bias=bias, rngs=rngs)
 
     def _gate(self, task: str, inputs_BxD: Array) -> Array:
         return jax.nn.softmax(self.gate(inputs_BxD), axis=-1)

@@ -20,7 +20,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtl.models.base import FeatureEncoder, MTLModel, head_output, towers_and_heads
+from mtl.models.base import (
+    FeatureEncoder,
+    MTLModel,
+    NarrowLinear,
+    head_output,
+    towers_and_heads,
+)
 from mtl.models.mmoe import ExpertBank, check_count, check_widths, mix
 from mtl.spec import FeatureSpec, TaskSpec
 
@@ -61,7 +67,7 @@ class PLE(MTLModel):
         H = expert[-1]
         dims_L = [self.encoder.out_dim] + [H] * (L - 1)
         bank = lambda d, lead: ExpertBank(d, expert, lead, dropout, rngs=rngs)
-        gate = lambda d, n: nnx.Linear(d, n, use_bias=bool(gate_bias), rngs=rngs)
+        gate = lambda d, n: NarrowLinear(d, n, use_bias=bool(gate_bias), rngs=rngs)
         self.experts = nnx.List([bank(d, (S,)) for d in dims_L]) if S else None
         self.columns = nnx.List([bank(d, (T, M)) for d in dims_L]) if M else None
         self.gates = nnx.Dict(

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import jax
 from flax import nnx
 
-from mtl.models.base import MLP, FeatureEncoder, MTLModel, head_output
+from mtl.models.base import MLP, FeatureEncoder, MTLModel, NarrowLinear, head_output
 from mtl.spec import FeatureSpec, TaskSpec
 
 Array = jax.Array
@@ -61,7 +61,7 @@ class SoftSharing(MTLModel):
         width = (tower or trunk)[-1] if (tower or trunk) else None
         if width is None:
             raise ValueError("trunk/tower: give at least one hidden width")
-        self.heads = nnx.Dict({t.name: nnx.Linear(width, t.size, rngs=rngs) for t in self.tasks})
+        self.heads = nnx.Dict({t.name: NarrowLinear(width, t.size, rngs=rngs) for t in self.tasks})
 
     def represent(self, features: Mapping[str, Array], rngs: nnx.Rngs | None = None) -> Array:
         """[T, B, H]: every column applied to the same batch (independent dropout per column)."""
