@@ -656,7 +656,8 @@ def step_gemms(data: Dataset, batch: int) -> list[dict[str, Any]]:
 
     Forward: encoder output x [B, D] @ trunk [D, 128]; trunk output h @ the fused first tower
     layers [128, 64T]; tower outputs @ heads. Backward: for each, dW = inputᵀ δ (contracting the
-    batch) and dx = δ Wᵀ, with the layouts the step uses.
+    batch) and dx = δ Wᵀ, with the layouts the step uses: the heads' kernels are stored [out, in]
+    (``base.NarrowLinear``), so theirs are x Wᵀ, dW = δᵀ x and dx = δ W.
     """
     model = build_model(
         "shared_bottom", data.feature_specs, data.task_specs, **SIZES["shared_bottom"]
@@ -665,18 +666,30 @@ def step_gemms(data: Dataset, batch: int) -> list[dict[str, Any]]:
     widths = [model.towers[t.name].out_dim for t in data.task_specs]
     tower_in = sum(model.towers[t.name].layers[0].out_features for t in data.task_specs)
     contract = lambda a, b, dims: jax.lax.dot_general(a, b, (dims, ((), ())))
-    shapes = [("trunk", D, H), ("towers (fused first layer)", H, tower_in)]
-    shapes += [(f"head {t.name}", w, t.size) for t, w in zip(data.task_specs, widths)]
+    shapes = [("trunk", D, H, False), ("towers (fused first layer)", H, tower_in, False)]
+    shapes += [
+        (f"head {t.name}", w, t.size, model.heads[t.name].kernel.shape == (t.size, w))
+        for t, w in zip(data.task_specs, widths)
+    ]
     key, out = jax.random.key(0), []
-    for name, k, n in shapes:
+    for name, k, n, out_in in shapes:
         x = jax.random.normal(key, (batch, k))
-        w = jax.random.normal(key, (k, n))
         dy = jax.random.normal(key, (batch, n))
-        for part, fn, args in (
-            ("forward x W", lambda a, b: contract(a, b, ((1,), (0,))), (x, w)),
-            ("backward dW = xᵀ δ", lambda a, b: contract(a, b, ((0,), (0,))), (x, dy)),
-            ("backward dx = δ Wᵀ", lambda a, b: contract(a, b, ((1,), (1,))), (dy, w)),
-        ):
+        if out_in:  # kernel [n, k]
+            w = jax.random.normal(key, (n, k))
+            parts = (
+                ("forward x Wᵀ", lambda a, b: contract(a, b, ((1,), (1,))), (x, w)),
+                ("backward dW = δᵀ x", lambda a, b: contract(a, b, ((0,), (0,))), (dy, x)),
+                ("backward dx = δ W", lambda a, b: contract(a, b, ((1,), (0,))), (dy, w)),
+            )
+        else:  # kernel [k, n]
+            w = jax.random.normal(key, (k, n))
+            parts = (
+                ("forward x W", lambda a, b: contract(a, b, ((1,), (0,))), (x, w)),
+                ("backward dW = xᵀ δ", lambda a, b: contract(a, b, ((0,), (0,))), (x, dy)),
+                ("backward dx = δ Wᵀ", lambda a, b: contract(a, b, ((1,), (1,))), (dy, w)),
+            )
+        for part, fn, args in parts:
             us = _in_loop_us(fn, *args)
             flops = 2 * batch * k * n
             out.append(
