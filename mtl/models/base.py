@@ -175,7 +175,7 @@ class NarrowLinear(nnx.Linear):
 
     def __call__(self, x: Array) -> Array:
         bias = self.bias[...] if self.bias is not None else None
-        x, kernel, bias = self.promote_dtype((x, self.kernel[...], bias), dtype=None)
+        x, kernel, bias = self.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
         contract = (((x.ndim - 1,), (1,)), ((), ()))
         y = jax.lax.dot_general(x, kernel, contract, precision=self.precision)
         return y if bias is None else y + bias
