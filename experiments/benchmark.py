@@ -63,6 +63,7 @@ from mtl import aggregation, parallel, partition
 from mtl.data.batching import Dataset, epoch_batches
 from mtl.losses import task_loss
 from mtl.models import MODELS, build_model
+from mtl.models.base import NarrowLinear
 from mtl.spec import FeatureSpec, TaskSpec
 from mtl.train import Stage, TrainConfig, Trainer
 
@@ -668,7 +669,7 @@ def step_gemms(data: Dataset, batch: int) -> list[dict[str, Any]]:
     contract = lambda a, b, dims: jax.lax.dot_general(a, b, (dims, ((), ())))
     shapes = [("trunk", D, H, False), ("towers (fused first layer)", H, tower_in, False)]
     shapes += [
-        (f"head {t.name}", w, t.size, model.heads[t.name].kernel.shape == (t.size, w))
+        (f"head {t.name}", w, t.size, isinstance(model.heads[t.name], NarrowLinear))
         for t, w in zip(data.task_specs, widths)
     ]
     key, out = jax.random.key(0), []

@@ -156,6 +156,7 @@ def test_narrow_linear_is_nnx_linear_with_its_kernel_stored_out_by_in(use_bias):
     np.testing.assert_array_equal(arr(head.kernel).T, arr(lin.kernel))
     x = jax.random.normal(jax.random.key(0), (7, 6))
     y = jax.random.normal(jax.random.key(1), (7, 5))
+    close(head(x), lin(x), 1e-6)
     close(head(x), np_narrow(np.asarray(x, np.float64), head), 1e-6)
     grad = lambda m: nnx.grad(lambda m: jnp.sum((m(x) - y) ** 2))(m)
     gh, gl = grad(head), grad(lin)
