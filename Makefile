@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench device-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ test: lint
 bench: setup
 	$(BIN)/python -m pip install -q torch==2.13.0 'torchjd[quadprog_projector]' || echo "peers not installed: the benchmark will say why it skips them"
 	$(BIN)/python experiments/benchmark.py
+
+# TorchJD and its QP solvers as Python 3.12 wheels for an accelerator host without network (the
+# workplace's GPU machine has JAX, PyTorch, numpy and scipy): experiments/device_bench.sh installs them
+device-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl torchjd==0.18.0 quadprog==0.1.14 qpsolvers==4.13.0
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
