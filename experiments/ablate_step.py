@@ -19,12 +19,14 @@
              bottom's fused first tower layers with a custom VJP (``base.towers_on_copies``).
 - ``optimizer``: not a choice but a measure of where the time goes: the default Adam vs plain SGD
              (Adam reads and writes two dense moments per parameter), shared bottom, T = 3.
-- ``xla``:   XLA's default options (the trainer's default) vs ``train.CPU_JOINT_OPTIONS``
-             (XLA:CPU hands only dots to YNNPACK; reductions and elementwise ops stay with XLA's
-             own emitters), vs ``xla_cpu_multi_thread_eigen=False`` (Eigen's dots on one
-             thread) and vs ``REGION_ANALYSIS`` (copy insertion with region analysis), each as
-             ``TrainConfig.compiler_options``; shared bottom and MMoE joint (T = 3 and 8), shared
-             bottom with UPGrad; its own table, with the compiled chunk's HLO copy count.
+- ``xla``:   XLA's default options vs ``train.CPU_JOINT_OPTIONS`` (no YNNPACK fusions: Eigen's
+             dots, XLA's own reductions and elementwise ops; the trainer's automatic choice on CPU
+             for steps without per-task gradients, ``train.default_compiler_options``), vs
+             ``YNN_DOTS_ONLY`` (YNNPACK for the dots alone), vs ``xla_cpu_multi_thread_eigen=False``
+             (Eigen's dots on one thread) and vs ``REGION_ANALYSIS`` (copy insertion with region
+             analysis), each as ``TrainConfig.compiler_options``; shared bottom and MMoE joint
+             (T = 3 and 8), shared bottom with UPGrad and with representation-level MGDA (T = 8);
+             its own table, with the compiled chunk's HLO copy count.
 - ``chunk``: the fixed cost of one ``Trainer.run``: the stage mask rebuilt on the host and sent
              per call (as before) vs cached on the device, and 32,768 rows per call vs one
              epoch of the main job's ML-100K training split (73,728 rows, the benchmark's chunk).
@@ -183,10 +185,13 @@ def sgd() -> contextlib.AbstractContextManager:
 # XLA's copy insertion with region analysis: fewer copies of loop-carried buffers (by default the
 # scanned step copies every Adam moment before updating it; the count is printed per variant).
 REGION_ANALYSIS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+# YNNPACK for the dots alone (reductions and elementwise ops in XLA's own emitters)
+YNN_DOTS_ONLY = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-def xla_options(options: dict) -> Callable[[], contextlib.AbstractContextManager]:
-    """The benchmark's trainer compiled with exactly ``compiler_options=options``."""
+def xla_options(options: dict | None) -> Callable[[], contextlib.AbstractContextManager]:
+    """The benchmark's trainer compiled with exactly ``compiler_options=options`` (None: the
+    trainer's automatic choice)."""
     return lambda: patched(B, "COMPILER_OPTIONS", options)
 
 
@@ -283,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.only in (None, "xla"):
             xla = [
                 ("XLA defaults", xla_options({})),
-                ("YNNPACK for dots only", xla_options(train.CPU_JOINT_OPTIONS)),
+                ("no YNNPACK (CPU_JOINT_OPTIONS)", xla_options(train.CPU_JOINT_OPTIONS)),
+                ("YNNPACK for dots only", xla_options(YNN_DOTS_ONLY)),
                 ("Eigen on one thread", xla_options({"xla_cpu_multi_thread_eigen": False})),
                 ("copy insertion with region analysis", xla_options(REGION_ANALYSIS)),
             ]
@@ -293,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                 compare("XLA options, shared bottom", xla, b, t, a.repeats, copies=True)
             compare("XLA options, MMoE", xla, b, 3, a.repeats, model="mmoe", copies=True)
             compare("XLA options, UPGrad", xla, b, 3, a.repeats, aggregator="upgrad", copies=True)
+            rep = dict(aggregator="mgda", aggregate_on="representation", copies=True)
+            compare("XLA options, rep-level MGDA", xla, b, 8, a.repeats, **rep)
             print()
         if a.only in (None, "chunk"):
             runs = [

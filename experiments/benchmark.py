@@ -83,8 +83,9 @@ TORCHJD_NAMES = {"upgrad": "UPGrad", "mgda": "MGDA", "pcgrad": "PCGrad"}
 # MGDA differs by design: ours solves the min-norm QP exactly, TorchJD runs Frank-Wolfe (eps 1e-3).
 AGG_KWARGS: dict[str, dict[str, Any]] = {"upgrad": {"reg_eps": 1e-4}}
 LR = 1e-3
-# TrainConfig.compiler_options of every setting of ours (--compiler-options; {}: XLA's defaults)
-COMPILER_OPTIONS: dict[str, Any] = {}
+# TrainConfig.compiler_options of every setting of ours (--compiler-options; None: the trainer's
+# automatic choice, train.default_compiler_options; {}: XLA's defaults)
+COMPILER_OPTIONS: dict[str, Any] | None = None
 # rows per timed chunk: one epoch of the main job's ML-100K training split (100,000 ratings less
 # 20% test and 10% of the rest for validation = 72,000), rounded up to a multiple of 4096
 EPOCH_EXAMPLES = 73728
@@ -302,7 +303,7 @@ def ours(
         aggregator=aggregator,
         aggregator_kwargs=AGG_KWARGS.get(aggregator or "", {}),
         aggregate_on=aggregate_on,
-        compiler_options=dict(COMPILER_OPTIONS),
+        compiler_options=None if COMPILER_OPTIONS is None else dict(COMPILER_OPTIONS),
     )
     trainer = Trainer(model, config)
     state = trainer.init(model)
@@ -894,7 +895,7 @@ def environment(torch: Any, threads: int) -> dict[str, Any]:
         ),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-        "compiler_options": dict(COMPILER_OPTIONS),
+        "compiler_options": None if COMPILER_OPTIONS is None else dict(COMPILER_OPTIONS),
         "loadavg_start": list(os.getloadavg()),
     }
 
@@ -931,9 +932,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--compiler-options",
         type=json.loads,
-        default={},
-        help="XLA options for our steps as JSON (TrainConfig.compiler_options), e.g. "
-        "mtl.train.CPU_JOINT_OPTIONS; default: XLA's defaults",
+        default=None,
+        help="XLA options for our steps as JSON (TrainConfig.compiler_options), e.g. '{}' for "
+        "XLA's defaults; default: the trainer's automatic choice (on CPU, "
+        "mtl.train.CPU_JOINT_OPTIONS for steps without per-task gradients)",
     )
     return p.parse_args(argv)
 
@@ -1171,6 +1173,24 @@ def limits(doc: dict) -> list[str]:
     return lines
 
 
+def xla_options_line(given: dict | None, doc: dict) -> str:
+    """The report's account of the XLA options our steps were compiled with."""
+    if given is not None:
+        return f"{given or 'none (XLA defaults)'}, as given (--compiler-options)"
+    kinds: dict[str, set[str]] = {}
+    for r in doc["training"] + doc["representation_vs_joint"]:
+        if "compiler_options" in r:
+            key = json.dumps(r["compiler_options"] or {}, sort_keys=True)
+            agg = r["aggregator"]
+            kind = "none" if agg == "-" else f"{agg} ({r['aggregate_on']})"
+            kinds.setdefault(key, set()).add(kind)
+    parts = [
+        f"{json.loads(k) or 'XLA defaults'} with aggregator {', '.join(sorted(v))}"
+        for k, v in sorted(kinds.items())
+    ]
+    return "the trainer's automatic choice (train.default_compiler_options): " + "; ".join(parts)
+
+
 def report(doc: dict) -> str:
     env = doc["environment"]
     v = env["versions"]
@@ -1193,7 +1213,7 @@ def report(doc: dict) -> str:
         "FLOP/s (XLA cost analysis / median step) over the faster of the two medians; best/best = "
         "fastest step over fastest matmul",
         f"- peak host memory (RSS) {env['peak_rss_mib']:.0f} MiB; run time {doc['seconds']:.0f} s",
-        f"- XLA options of our steps: {env['compiler_options'] or 'none (XLA defaults)'}; "
+        f"- XLA options of our steps: {xla_options_line(env['compiler_options'], doc)}; "
         f"XLA_FLAGS={env['XLA_FLAGS'] or '(unset)'}",
         "",
         "## Training steps (ML-100K-shaped input, T = 3)",

@@ -101,7 +101,7 @@ def profile(
     untraced.compile()
     plain = untraced.warm_up()
     given = B.COMPILER_OPTIONS
-    B.COMPILER_OPTIONS = {**given, **TRACE}
+    B.COMPILER_OPTIONS = {**untraced.bench.info["compiler_options"], **TRACE}  # as compiled
     try:
         o = B.ours(model, data, batch, steps, **kw)
     finally:

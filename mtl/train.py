@@ -140,9 +140,10 @@ class TrainConfig:
     weighting_kwargs: dict = dataclasses.field(default_factory=dict)
     nan_policy: str = "stop"
     log_every: int = 0  # gradient-analysis interval in steps (0: off)
-    # XLA options for the compiled step and predict (jax.jit's compiler_options); {} = XLA's
-    # defaults. On CPU, CPU_JOINT_OPTIONS speeds up steps without per-task gradients.
-    compiler_options: dict = dataclasses.field(default_factory=dict)
+    # XLA options for the compiled step and predict (jax.jit's compiler_options). None: the
+    # automatic choice (default_compiler_options: on CPU, CPU_JOINT_OPTIONS for steps without
+    # per-task gradients, else XLA's defaults); {}: XLA's defaults; a dict: exactly those.
+    compiler_options: dict | None = None
 
 
 # the TrainConfig fields a resumed run must share with the run that wrote the checkpoint
@@ -225,11 +226,25 @@ def per_leaf(
 OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagrad": optax.adagrad}
 
 
-# XLA:CPU: YNNPACK for dots only (reductions and elementwise ops stay with XLA's emitters). In
-# `experiments/ablate_step.py --only xla` this made steps without per-task gradients up to 8-10%
-# faster (MMoE, the shared bottom at batch 4096) and UPGrad steps up to 27% slower (docs/scaling.md);
-# an option to pass, not a default: it is experimental in XLA and changes summation order.
-CPU_JOINT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# XLA:CPU without its YNNPACK fusions: dots through Eigen, reductions and elementwise ops through
+# XLA's own emitters. In `experiments/ablate_step.py --only xla` (docs/results/ablations.md) this
+# made steps without per-task gradients faster (shared bottom and MMoE: about -5% to -12% at batch
+# 256, -2% to -5% at 4096) and steps with them much slower (UPGrad up to +40%, representation-level
+# MGDA +66%: the Gram's long row reductions run fastest in YNNPACK). So it is the automatic choice
+# (TrainConfig.compiler_options=None) for the former on CPU only.
+CPU_JOINT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def default_compiler_options(per_task: bool) -> dict:
+    """What ``TrainConfig.compiler_options=None`` stands for: on the CPU backend, CPU_JOINT_OPTIONS
+    for a step that computes no per-task gradients (``per_task`` False), when this jaxlib accepts
+    them; XLA's defaults (``{}``) otherwise. Only speed depends on it: dots summed in another
+    order move results in the last float digits."""
+    if per_task or jax.default_backend() != "cpu":
+        return {}
+    if _xla_refusal(tuple(CPU_JOINT_OPTIONS.items())) is not None:  # a jaxlib without the option
+        return {}
+    return dict(CPU_JOINT_OPTIONS)
 
 
 @functools.cache
@@ -341,9 +356,9 @@ class Trainer:
         # pass carries every task at once. With an aggregator each task decodes its own copy of
         # the shared part, and a weighting that reads the Jacobian backpropagates one task per
         # vmapped row: a fused layer would then carry every tower's gradient in every copy/row.
+        per_task = self.aggregator is not None or "jacobian" in self.weighting.needs
         fused = getattr(model, "fuse_towers", None)
         if fused is not None:
-            per_task = self.aggregator is not None or "jacobian" in self.weighting.needs
             model.fuse_towers = fused and not per_task
         self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         if fused is not None:
@@ -370,8 +385,12 @@ class Trainer:
             )
         self._template = (params, rest)
         self._masks: dict = {}  # stage_mask's cache
-        opts = check_compiler_options(c.compiler_options)
-        self.compiler_options = opts or {}
+        opts = check_compiler_options(  # gradient logging computes per-task gradients too
+            default_compiler_options(per_task or c.log_every > 0)
+            if c.compiler_options is None
+            else c.compiler_options
+        )
+        self.compiler_options = opts or {}  # what the step and predict are compiled with
         self._epoch = jax.jit(
             self._epoch_fn,
             donate_argnums=(0,),

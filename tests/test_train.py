@@ -353,7 +353,8 @@ def test_compiler_options_reach_the_step_and_bad_ones_are_refused(data, tmp_path
 
 
 def test_train_run_passes_compiler_options_from_the_spec(data, monkeypatch):
-    """The spec key compiler_options reaches the Trainer as given; absent, XLA's defaults."""
+    """The spec key compiler_options reaches the Trainer as given; absent, the automatic choice:
+    on CPU, CPU_JOINT_OPTIONS for a joint step, XLA's defaults with an aggregator."""
     from mtl import experiment
     from mtl.train import CPU_JOINT_OPTIONS, check_compiler_options
 
@@ -372,5 +373,59 @@ def test_train_run_passes_compiler_options_from_the_spec(data, monkeypatch):
     monkeypatch.setattr(experiment, "Trainer", Recording)
     spec = dict(model="shared_bottom", model_kwargs=SIZES, epochs=1, batch_size=128)
     experiment.train_run(spec, data, data, progress=False)
-    experiment.train_run(spec | {"compiler_options": CPU_JOINT_OPTIONS}, data, data, progress=False)
-    assert seen == [({}, {}), (CPU_JOINT_OPTIONS, CPU_JOINT_OPTIONS)]
+    experiment.train_run(spec | {"compiler_options": {}}, data, data, progress=False)
+    experiment.train_run(spec | {"aggregator": "upgrad"}, data, data, progress=False)
+    assert seen == [(None, CPU_JOINT_OPTIONS), ({}, {}), (None, {})]
+
+
+def compiled_chunk_text(tr, st, batches, stage):
+    """The optimized HLO of the chunk ``tr.run(st, batches, stage)`` runs (its jitted epoch)."""
+    jitted, calls = tr._epoch, []
+    tr._epoch = lambda *a, **k: calls.append((a, k))
+    try:
+        tr.run(st, batches, stage)
+    finally:
+        tr._epoch = jitted
+    args, kwargs = calls[0]
+    return jitted.lower(*args, **kwargs).compile().as_text()
+
+
+def test_automatic_compiler_options_by_step_kind(data):
+    """compiler_options=None: on CPU, a step without per-task gradients compiles without YNNPACK
+    fusions (CPU_JOINT_OPTIONS), one with an aggregator, a Jacobian-reading weighting or gradient
+    logging with XLA's defaults; elsewhere XLA's defaults. Only speed changes: the joint losses
+    match the XLA-defaults run to float32 rounding."""
+    from mtl.train import CPU_JOINT_OPTIONS, _xla_refusal, default_compiler_options
+
+    cpu_auto = (
+        jax.default_backend() == "cpu" and _xla_refusal(tuple(CPU_JOINT_OPTIONS.items())) is None
+    )
+    assert default_compiler_options(False) == (CPU_JOINT_OPTIONS if cpu_auto else {})
+    assert default_compiler_options(True) == {}
+    b = batches_of(data)
+    made = {}
+    for name, kw in {
+        "auto joint": {},
+        "xla defaults": dict(compiler_options={}),
+        "upgrad": dict(aggregator="upgrad"),
+        "gradnorm": dict(weighting="gradnorm"),
+        "logging": dict(log_every=4),
+    }.items():
+        model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
+        tr = Trainer(model, TrainConfig(learning_rate=1e-2, **kw))
+        made[name] = (tr, tr.init(model))
+    assert made["auto joint"][0].compiler_options == (CPU_JOINT_OPTIONS if cpu_auto else {})
+    for name in ("xla defaults", "upgrad", "gradnorm", "logging"):
+        assert made[name][0].compiler_options == {}, name
+
+    auto_hlo = compiled_chunk_text(*made["auto joint"], b, Stage(1))
+    default_hlo = compiled_chunk_text(*made["xla defaults"], b, Stage(1))
+    if cpu_auto:
+        assert "__ynn_fusion" not in auto_hlo
+        if "__ynn_fusion" not in default_hlo:
+            pytest.skip("this jaxlib's XLA:CPU makes no YNNPACK fusions by default")
+    losses_of = {}
+    for name in ("auto joint", "xla defaults"):
+        tr, st = made[name]
+        losses_of[name] = np.asarray(tr.run(st, b, Stage(1))[1]["loss"])
+    np.testing.assert_allclose(losses_of["auto joint"], losses_of["xla defaults"], rtol=2e-5)
