@@ -228,10 +228,10 @@ OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagr
 
 # XLA:CPU without its YNNPACK fusions: dots through Eigen, reductions and elementwise ops through
 # XLA's own emitters. In `experiments/ablate_step.py --only xla` (docs/results/ablations.md) this
-# made steps without per-task gradients faster (shared bottom and MMoE: about -5% to -12% at batch
-# 256, -2% to -5% at 4096) and steps with them much slower (UPGrad up to +40%, representation-level
-# MGDA +66%: the Gram's long row reductions run fastest in YNNPACK). So it is the automatic choice
-# (TrainConfig.compiler_options=None) for the former on CPU only.
+# made steps without per-task gradients faster (shared bottom and MMoE: -3% to -7% at batch 256
+# and 1024, -5% to +0.5% at 4096) and steps with them much slower (UPGrad +13% to +43%,
+# representation-level MGDA up to +66%: their Gram's long row reductions run fastest in YNNPACK).
+# So it is the automatic choice (TrainConfig.compiler_options=None) for the former, on CPU only.
 CPU_JOINT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
