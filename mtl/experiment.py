@@ -298,7 +298,9 @@ def train_run(
         weighting_kwargs=dict(spec.get("weighting_kwargs", {})),
         nan_policy=spec.get("nan_policy", "stop"),
         log_every=log_every,
-        compiler_options=None if spec.get("compiler_options") is None else dict(spec["compiler_options"]),
+        compiler_options=None
+        if spec.get("compiler_options") is None
+        else dict(spec["compiler_options"]),
     )
     trainer = Trainer(model, cfg)
     record = {
