@@ -65,7 +65,7 @@ from mtl.losses import task_loss
 from mtl.models import MODELS, build_model
 from mtl.models.base import NarrowLinear
 from mtl.spec import FeatureSpec, TaskSpec
-from mtl.train import Stage, TrainConfig, Trainer
+from mtl.train import Stage, TrainConfig, Trainer, default_compiler_options
 
 # Model sizes, given explicitly so that the PyTorch twins match: the library defaults.
 SIZES: dict[str, dict[str, Any]] = {
@@ -632,7 +632,13 @@ def _alone_us(fn: Callable[..., Any], *args: Any, repeats: int = 20) -> float:
     return 1e6 * med
 
 
-def _in_loop_us(fn: Callable[..., Any], *args: Any, length: int = 20, repeats: int = 10) -> float:
+def _in_loop_us(
+    fn: Callable[..., Any],
+    *args: Any,
+    length: int = 20,
+    repeats: int = 10,
+    compiler_options: dict | None = None,
+) -> float:
     """Median µs of ``fn(*args)`` inside a compiled loop of ``length`` iterations (no dispatch).
 
     An optimization barrier ties the inputs to the loop carry, so XLA cannot hoist the call out
@@ -648,7 +654,7 @@ def _in_loop_us(fn: Callable[..., Any], *args: Any, length: int = 20, repeats: i
 
         return jax.lax.scan(body, jnp.zeros((), jnp.float32), None, length=length)[0]
 
-    f = jax.jit(run)
+    f = jax.jit(run, compiler_options=compiler_options or None)
     med, _ = median_time(lambda: jax.block_until_ready(f(*args)), repeats)
     return 1e6 * med / length
 
@@ -659,7 +665,8 @@ def step_gemms(data: Dataset, batch: int) -> list[dict[str, Any]]:
     Forward: encoder output x [B, D] @ trunk [D, 128]; trunk output h @ the fused first tower
     layers [128, 64T]; tower outputs @ heads. Backward: for each, dW = inputᵀ δ (contracting the
     batch) and dx = δ Wᵀ, with the layouts the step uses: the heads' kernels are stored [out, in]
-    (``base.NarrowLinear``), so theirs are x Wᵀ, dW = δᵀ x and dx = δ W.
+    (``base.NarrowLinear``), so theirs are x Wᵀ, dW = δᵀ x and dx = δ W. Compiled with the joint
+    step's XLA options.
     """
     model = build_model(
         "shared_bottom", data.feature_specs, data.task_specs, **SIZES["shared_bottom"]
@@ -674,6 +681,8 @@ def step_gemms(data: Dataset, batch: int) -> list[dict[str, Any]]:
         for t, w in zip(data.task_specs, widths)
     ]
     key, out = jax.random.key(0), []
+    # compiled as the joint step is (the trainer's automatic choice, unless --compiler-options)
+    options = default_compiler_options(False) if COMPILER_OPTIONS is None else COMPILER_OPTIONS
     for name, k, n, out_in in shapes:
         x = jax.random.normal(key, (batch, k))
         dy = jax.random.normal(key, (batch, n))
@@ -692,7 +701,7 @@ def step_gemms(data: Dataset, batch: int) -> list[dict[str, Any]]:
                 ("backward dx = δ Wᵀ", lambda a, b: contract(a, b, ((1,), (1,))), (dy, w)),
             )
         for part, fn, args in parts:
-            us = _in_loop_us(fn, *args)
+            us = _in_loop_us(fn, *args, compiler_options=options)
             flops = 2 * batch * k * n
             out.append(
                 {
@@ -1128,7 +1137,7 @@ def limits(doc: dict) -> list[str]:
         f"## Where the time goes (shared bottom, joint, batch {b})",
         "",
         "Each matmul of the training step timed alone inside a compiled loop (median of 10 loops "
-        "of 20). Their sum is a floor under the step on this backend: the rest of the step "
+        "of 20), compiled with the joint step's XLA options. Their sum is a floor under the step on this backend: the rest of the step "
         "(embedding gather/scatter, activations, losses, Adam, the finite check) comes on top.",
         "",
         table(
