@@ -392,9 +392,10 @@ def compiled_chunk_text(tr, st, batches, stage):
 
 def test_automatic_compiler_options_by_step_kind(data):
     """compiler_options=None: on CPU, a step without per-task gradients compiles without YNNPACK
-    fusions (CPU_JOINT_OPTIONS), one with an aggregator, a Jacobian-reading weighting or gradient
-    logging with XLA's defaults; elsewhere XLA's defaults. Only speed changes: the joint losses
-    match the XLA-defaults run to float32 rounding."""
+    fusions and with copy insertion's region analysis (CPU_JOINT_OPTIONS), one with an aggregator,
+    a Jacobian-reading weighting or gradient logging with XLA's defaults; elsewhere XLA's defaults.
+    Only speed changes: the joint losses match the XLA-defaults run to float32 rounding, and
+    region analysis drops copies without changing a bit of the trajectory."""
     from mtl.train import CPU_JOINT_OPTIONS, _xla_refusal, default_compiler_options
 
     cpu_auto = (
@@ -410,7 +411,10 @@ def test_automatic_compiler_options_by_step_kind(data):
         "upgrad": dict(aggregator="upgrad"),
         "gradnorm": dict(weighting="gradnorm"),
         "logging": dict(log_every=4),
+        "no ynn alone": dict(compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""}),
     }.items():
+        if name == "no ynn alone" and not cpu_auto:
+            continue
         model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
         tr = Trainer(model, TrainConfig(learning_rate=1e-2, **kw))
         made[name] = (tr, tr.init(model))
@@ -418,14 +422,23 @@ def test_automatic_compiler_options_by_step_kind(data):
     for name in ("xla defaults", "upgrad", "gradnorm", "logging"):
         assert made[name][0].compiler_options == {}, name
 
+    copies = lambda hlo: sum(" copy(" in line for line in hlo.splitlines())
     auto_hlo = compiled_chunk_text(*made["auto joint"], b, Stage(1))
     default_hlo = compiled_chunk_text(*made["xla defaults"], b, Stage(1))
     if cpu_auto:
-        assert "__ynn_fusion" not in auto_hlo
-        if "__ynn_fusion" not in default_hlo:
-            pytest.skip("this jaxlib's XLA:CPU makes no YNNPACK fusions by default")
-    losses_of = {}
-    for name in ("auto joint", "xla defaults"):
+        no_ynn_hlo = compiled_chunk_text(*made["no ynn alone"], b, Stage(1))
+    runs = {}
+    for name in made:
         tr, st = made[name]
-        losses_of[name] = np.asarray(tr.run(st, b, Stage(1))[1]["loss"])
-    np.testing.assert_allclose(losses_of["auto joint"], losses_of["xla defaults"], rtol=2e-5)
+        st, m = tr.run(st, b, Stage(1))
+        runs[name] = (np.asarray(m["loss"]), leaves_with_paths(st.params))
+    np.testing.assert_allclose(runs["auto joint"][0], runs["xla defaults"][0], rtol=2e-5)
+    if not cpu_auto:
+        return
+    assert "__ynn_fusion" not in auto_hlo
+    assert copies(auto_hlo) < copies(no_ynn_hlo)
+    np.testing.assert_array_equal(runs["auto joint"][0], runs["no ynn alone"][0])
+    for k, v in runs["no ynn alone"][1].items():
+        np.testing.assert_array_equal(runs["auto joint"][1][k], v)
+    if "__ynn_fusion" not in default_hlo:
+        pytest.skip("this jaxlib's XLA:CPU makes no YNNPACK fusions by default")
