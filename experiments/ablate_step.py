@@ -19,14 +19,16 @@
              bottom's fused first tower layers with a custom VJP (``base.towers_on_copies``).
 - ``optimizer``: not a choice but a measure of where the time goes: the default Adam vs plain SGD
              (Adam reads and writes two dense moments per parameter), shared bottom, T = 3.
-- ``xla``:   XLA's default options vs ``train.CPU_JOINT_OPTIONS`` (no YNNPACK fusions: Eigen's
-             dots, XLA's own reductions and elementwise ops; the trainer's automatic choice on CPU
-             for steps without per-task gradients, ``train.default_compiler_options``), vs
-             ``YNN_DOTS_ONLY`` (YNNPACK for the dots alone), vs ``xla_cpu_multi_thread_eigen=False``
-             (Eigen's dots on one thread) and vs ``REGION_ANALYSIS`` (copy insertion with region
-             analysis), each as ``TrainConfig.compiler_options``; shared bottom and MMoE joint
-             (T = 3 and 8), shared bottom with UPGrad and with representation-level MGDA (T = 8);
-             its own table, with the compiled chunk's HLO copy count.
+- ``xla``:   XLA's default options vs ``train.CPU_JOINT_OPTIONS`` (``NO_YNN``: no YNNPACK
+             fusions, so Eigen's dots and XLA's own reductions and elementwise ops, plus
+             ``REGION_ANALYSIS``: copy insertion with region analysis; the trainer's automatic
+             choice on CPU for steps without per-task gradients,
+             ``train.default_compiler_options``), vs each of its two parts alone, vs
+             ``YNN_DOTS_ONLY`` (YNNPACK for the dots alone) and vs
+             ``xla_cpu_multi_thread_eigen=False`` (Eigen's dots on one thread), each as
+             ``TrainConfig.compiler_options``; shared bottom and MMoE joint (T = 3 and 8), shared
+             bottom with UPGrad and with representation-level MGDA (T = 8); its own table, with
+             the compiled chunk's HLO copy count.
 - ``chunk``: the fixed cost of one ``Trainer.run``: the stage mask rebuilt on the host and sent
              per call (as before) vs cached on the device, and 32,768 rows per call vs one
              epoch of the main job's ML-100K training split (73,728 rows, the benchmark's chunk).
@@ -185,6 +187,8 @@ def sgd() -> contextlib.AbstractContextManager:
 # XLA's copy insertion with region analysis: fewer copies of loop-carried buffers (by default the
 # scanned step copies every Adam moment before updating it; the count is printed per variant).
 REGION_ANALYSIS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+# no YNNPACK fusions at all (Eigen's dots, XLA's own reductions and elementwise ops)
+NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # YNNPACK for the dots alone (reductions and elementwise ops in XLA's own emitters)
 YNN_DOTS_ONLY = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
@@ -286,12 +290,15 @@ def main(argv: list[str] | None = None) -> int:
         if a.only in (None, "optimizer"):
             compare("optimizer", [("Adam (default)", now), ("SGD", sgd)], b, 3, a.repeats)
         if a.only in (None, "xla"):
+            assert train.CPU_JOINT_OPTIONS == {**NO_YNN, **REGION_ANALYSIS}, "update the labels"
+            cpu_joint = xla_options(train.CPU_JOINT_OPTIONS)
             xla = [
                 ("XLA defaults", xla_options({})),
-                ("no YNNPACK (CPU_JOINT_OPTIONS)", xla_options(train.CPU_JOINT_OPTIONS)),
+                ("CPU_JOINT_OPTIONS (no YNNPACK + region analysis)", cpu_joint),
+                ("no YNNPACK alone", xla_options(NO_YNN)),
+                ("region analysis alone", xla_options(REGION_ANALYSIS)),
                 ("YNNPACK for dots only", xla_options(YNN_DOTS_ONLY)),
                 ("Eigen on one thread", xla_options({"xla_cpu_multi_thread_eigen": False})),
-                ("copy insertion with region analysis", xla_options(REGION_ANALYSIS)),
             ]
             print("\n| ablation | batch | T | variant | ms/step | x first | HLO copies |")
             print("|---|---|---|---|---|---|---|")

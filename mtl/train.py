@@ -229,12 +229,11 @@ OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "adagr
 # XLA:CPU without its YNNPACK fusions (dots through Eigen, reductions and elementwise ops through
 # XLA's own emitters) and with copy insertion's region analysis (the scanned step then updates its
 # Adam moments in place instead of copying them first; buffers change, arithmetic does not). In
-# `experiments/ablate_step.py --only xla` (docs/results/ablations.md) no YNNPACK made steps without
-# per-task gradients faster (shared bottom and MMoE: -3% to -7% at batch 256 and 1024, -5% to +0.5%
-# at 4096) and steps with them much slower (UPGrad +13% to +43%, representation-level MGDA up to
-# +66%: their Gram's long row reductions run fastest in YNNPACK); on top of it, region analysis
-# gave the shared bottom a further -3% to -5% (MMoE -5%, +5%, 0% at 256, 1024, 4096). So this is
-# the automatic choice (TrainConfig.compiler_options=None) for the former, on CPU only.
+# `experiments/ablate_step.py --only xla` (docs/results/ablations.md) this made steps without
+# per-task gradients faster (shared bottom and MMoE: -8% to -12% at batch 256, -1% to -9% at 1024,
+# -2% to -4% at 4096) and steps with them slower (UPGrad +6% to +38%, representation-level MGDA up
+# to +75%: their Gram's reductions over long rows run fastest in YNNPACK). So it is the automatic
+# choice (TrainConfig.compiler_options=None) for the former, on CPU only.
 CPU_JOINT_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "",
     "xla_cpu_copy_insertion_use_region_analysis": True,
