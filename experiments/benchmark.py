@@ -229,20 +229,10 @@ def while_body_counted_once() -> bool:
 
 
 def lower_chunk(trainer: Trainer, state: Any, batches: Any, stage: Stage) -> tuple[Any, float]:
-    """(jax ``Lowered``, seconds) of the chunk ``trainer.run(state, batches, stage)`` executes.
-
-    The call is captured at ``Trainer._epoch`` (the jitted chunk) and lowered with the same
-    arguments; once compiled, jax caches the executable and ``trainer.run`` reuses it.
-    """
-    jitted, calls = trainer._epoch, []
-    trainer._epoch = lambda *a, **k: calls.append((a, k))
-    try:
-        trainer.run(state, batches, stage)
-    finally:
-        trainer._epoch = jitted
-    args, kwargs = calls[0]
+    """(jax ``Lowered``, seconds) of the chunk ``trainer.run(state, batches, stage)`` executes
+    (``Trainer.lower``); once compiled, jax caches the executable and ``trainer.run`` reuses it."""
     t = time.perf_counter()
-    lowered = jitted.lower(*args, **kwargs)
+    lowered = trainer.lower(state, batches, stage)
     return lowered, time.perf_counter() - t
 
 

@@ -825,19 +825,36 @@ class Trainer:
         logs at positions 0, log_every, 2·log_every, ... of every epoch, and epoch-level
         weightings (DWA) close an epoch at its last step.
         """
+        args, kwargs = self._epoch_call(state, batches, stage, start, epoch_steps)
+        return self._epoch(*args, **kwargs)
+
+    def lower(
+        self,
+        state: TrainState,
+        batches,
+        stage: Stage,
+        start: int = 0,
+        epoch_steps: int | None = None,
+    ) -> jax.stages.Lowered:
+        """The compiled call ``run`` makes with these arguments, lowered but not run (``state`` is
+        not donated): ``.compile()`` gives its executable (``as_text()``, ``cost_analysis()``),
+        which jax caches, so a ``run`` with the same shapes then reuses it."""
+        args, kwargs = self._epoch_call(state, batches, stage, start, epoch_steps)
+        return self._epoch.lower(*args, **kwargs)
+
+    def _epoch_call(self, state, batches, stage, start, epoch_steps) -> tuple[tuple, dict]:
         k = self.config.log_every
         n = jax.tree.leaves(batches)[0].shape[0]
         epoch_steps = start + n if epoch_steps is None else epoch_steps
-        return self._epoch(
-            state,
-            batches,
-            self.stage_mask(state, stage),
+        args = (state, batches, self.stage_mask(state, stage))
+        kwargs = dict(
             task_ids=self.task_ids(stage),
             alternating=stage.alternating,
             phase=int(start) % k if k else 0,
             start=jnp.asarray(start, jnp.int32),
             epoch_steps=jnp.asarray(epoch_steps, jnp.int32),
         )
+        return args, kwargs
 
     # ------------------------------------------------------------------ eval
     def _predict_fn(self, params, rest, batches):
