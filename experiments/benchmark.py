@@ -303,11 +303,7 @@ def ours(
         parallel.check_batch_size(batch, mesh)
         batches, state = parallel.shard_batches(batches, mesh), parallel.replicate(state, mesh)
     stage = SCHEDULES[schedule]
-    try:
-        lowered, lower_s = lower_chunk(trainer, state, batches, stage)
-    except Exception as e:  # noqa: BLE001 - an internal hook moved: fall back to timing the call
-        print(f"  (ahead-of-time compile unavailable: {type(e).__name__}: {e}; timing first call)")
-        lowered, lower_s = None, 0.0
+    lowered, lower_s = lower_chunk(trainer, state, batches, stage)
     box = [state]
 
     def chunk() -> None:
