@@ -10,7 +10,9 @@
 - ``gram``:  the Gram of long Jacobian rows as pairwise row sums (``aggregation._gram``) vs the
              plain J Jᵀ and vs the blocked Gram of before (J written into [1024, T, P/1024]
              blocks, G a batched matmul over them); representation-level MGDA, T = 8 (rows of
-             B x 128).
+             B x 128). And where the row form starts in the step: from 32 x 1024 columns (the
+             default) vs from 128 x 1024 (as before), UPGrad and PCGrad at T = 3 (96,864 shared
+             parameters) and representation-level MGDA at T = 8 below batch 1024.
 - ``narrow``: the kernels of the task heads and MMoE's gates stored [out, in]
              (``base.NarrowLinear``, the default) vs [in, out] (``nnx.Linear``, as before):
              shared bottom at T = 3 (a 19-way head) and T = 8, MMoE at T = 3.
@@ -119,6 +121,12 @@ def plain_gram() -> contextlib.ExitStack:
     stack.enter_context(patched(aggregation, "_gram", plain))
     stack.enter_context(patched(aggregation, "_combine", combine))
     return stack
+
+
+def row_form_from_128k() -> contextlib.AbstractContextManager:
+    """The row-by-row Gram and combination from 128 x 1024 columns in the step too (as before),
+    not from 32 x 1024 where the trainer's rows are made apart (``aggregation._long``)."""
+    return patched(aggregation, "_LONG_ROWS_APART", aggregation._LONG_ROWS)
 
 
 _BLOCKS = 1024
@@ -268,6 +276,13 @@ def main(argv: list[str] | None = None) -> int:
             for t in (3, 8):
                 compare("head kernels, shared bottom", kernels, b, t, a.repeats)
             compare("head and gate kernels, MMoE", kernels, b, 3, a.repeats, model="mmoe")
+        if a.only in (None, "gram"):
+            start = [("row form from 128k (as before)", row_form_from_128k), ("from 32k", now)]
+            for agg in ("upgrad", "pcgrad"):
+                compare(f"row-form start, {agg}", start, b, 3, a.repeats, aggregator=agg)
+            if b * 128 < 128 * 1024:
+                rep = dict(aggregator="mgda", aggregate_on="representation")
+                compare("row-form start, rep-level MGDA", start, b, 8, a.repeats, **rep)
         if a.only in (None, "gram") and b * 128 >= 128 * 1024:
             grams = [
                 ("plain J Jᵀ", plain_gram),

@@ -534,10 +534,13 @@ class Trainer:
         indices; None: all), its state restricted to them and written back: a task outside the
         stage, or not picked by an alternating step, is not a zero row (MGDA would return 0,
         the mean would divide by T)."""
-        if rows is None:
-            return self.aggregator.apply(J_TxP, agg_state, key)
-        sub = self.aggregator.restrict(agg_state, rows)
-        v_P, sub = self.aggregator.apply(jnp.take(J_TxP, rows, axis=0), sub, key)
+        from mtl import aggregation  # imported lazily, as in __init__
+
+        with aggregation._rows_made_apart():  # J is a stack of the per-task VJPs' rows
+            if rows is None:
+                return self.aggregator.apply(J_TxP, agg_state, key)
+            sub = self.aggregator.restrict(agg_state, rows)
+            v_P, sub = self.aggregator.apply(jnp.take(J_TxP, rows, axis=0), sub, key)
         return v_P, self.aggregator.expand(agg_state, sub, rows)
 
     def _grads(self, state: TrainState, batch, key, active_T, rows=None):

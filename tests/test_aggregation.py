@@ -1,5 +1,6 @@
 """Aggregators vs independent references: closed forms, brute force, optimality conditions."""
 
+import contextlib
 import functools
 
 import jax
@@ -15,20 +16,37 @@ KEY = jax.random.key(0)
 P = 24  # one parameter count for (almost) every test: fewer shapes, fewer compilations
 
 
-@pytest.mark.parametrize("p", [96, 128 * 1024 + 5])
-def test_gram_and_combination_match_float64_products(p):
-    """Short rows take the plain products, long ones pairwise sums and a sum of scaled rows: G
-    equals J Jᵀ (and is exactly symmetric) and the combination equals wᵀJ, both in float64."""
-    assert agg._long(p) == (p > 96)
+@pytest.mark.parametrize(
+    ("p", "apart", "rows"),
+    [
+        (96, False, False),
+        (40_000, False, False),
+        (40_000, True, True),
+        (128 * 1024 + 5, False, True),
+    ],
+)
+def test_gram_and_combination_match_float64_products(p, apart, rows):
+    """Short rows take the plain products, long ones pairwise sums and a sum of scaled rows (from
+    32k inside the trainer's step, where the rows are made apart; from 128k on a whole array): G
+    equals J Jᵀ (and is exactly symmetric) and the combination equals wᵀJ, both in float64; the
+    traced program has a dot exactly when the plain products are taken."""
     j = np.random.default_rng(1).normal(size=(5, p)).astype(np.float32)
     w = np.linspace(-1.0, 2.0, 5).astype(np.float32)
     j64 = j.astype(np.float64)
-    got = np.asarray(jax.jit(agg._gram)(jnp.asarray(j)), np.float64)
-    np.testing.assert_allclose(got, j64 @ j64.T, rtol=1e-5, atol=1e-3 * np.sqrt(p))
-    if p > 96:
-        np.testing.assert_array_equal(got, got.T)
-    got = np.asarray(jax.jit(agg._combine)(jnp.asarray(w), jnp.asarray(j)), np.float64)
-    np.testing.assert_allclose(got, w.astype(np.float64) @ j64, rtol=1e-5, atol=1e-5)
+    # fresh functions: jax's trace caches do not key on the hint (the trainer's step is one
+    # function per Trainer)
+    gram, combine = (lambda j: agg._gram(j)), (lambda w, j: agg._combine(w, j))
+    with agg._rows_made_apart() if apart else contextlib.nullcontext():
+        assert agg._long(p) == rows
+        jaxprs = [str(jax.make_jaxpr(f)(*a)) for f, a in ((gram, (j,)), (combine, (w, j)))]
+        got_g = np.asarray(jax.jit(gram)(jnp.asarray(j)), np.float64)
+        got_c = np.asarray(jax.jit(combine)(jnp.asarray(w), jnp.asarray(j)), np.float64)
+    assert agg._long(40_000) is False  # the hint ends with its block
+    assert all(("dot_general" in text) == (not rows) for text in jaxprs)
+    np.testing.assert_allclose(got_g, j64 @ j64.T, rtol=1e-5, atol=1e-3 * np.sqrt(p))
+    if rows:
+        np.testing.assert_array_equal(got_g, got_g.T)
+    np.testing.assert_allclose(got_c, w.astype(np.float64) @ j64, rtol=1e-5, atol=1e-5)
 
 
 def _conflicting(rng, t, p=P, scales=True, rank=None):

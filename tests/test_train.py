@@ -435,3 +435,28 @@ def test_automatic_compiler_options_by_step_kind(data):
         np.testing.assert_array_equal(runs["auto joint"][1][k], v)
     if "__ynn_fusion" not in default_hlo:
         pytest.skip("this jaxlib's XLA:CPU makes no YNNPACK fusions by default")
+
+
+def test_step_traces_its_aggregator_with_rows_made_apart(data):
+    """The trainer's step hands its aggregator the stacked per-task rows inside
+    aggregation._rows_made_apart (the row-by-row Gram from 32k columns on CPU), in the full and in
+    the restricted (staged) call; the hint does not outlive the trace."""
+    from mtl import aggregation
+
+    model = build_model("shared_bottom", data.feature_specs, data.task_specs, **SIZES)
+    tr = Trainer(model, TrainConfig(learning_rate=1e-2, aggregator="upgrad"))
+    seen = []
+    apply = tr.aggregator.apply
+
+    def spy(jac, state, key):
+        seen.append(aggregation._ROWS_APART.get())
+        return apply(jac, state, key)
+
+    tr.aggregator = tr.aggregator._replace(apply=spy)
+    st = tr.init(model)
+    b = batches_of(data)
+    st, _ = tr.run(st, b, Stage(1))
+    st, _ = tr.run(st, b, Stage(1, tasks=(data.task_specs[0].name, data.task_specs[1].name)))
+    assert len(seen) >= 2 and all(seen)
+    assert aggregation._ROWS_APART.get() is False
+    assert aggregation._long(40_000) is False
