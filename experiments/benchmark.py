@@ -29,6 +29,7 @@ slower on a busy 2-core machine.
     .venv/bin/python experiments/benchmark.py            # all settings (under 10 min on 2 cores)
     .venv/bin/python experiments/benchmark.py --quick    # one batch size, fewer settings
     .venv/bin/python experiments/benchmark.py --out runs/bench-gpu --batch-sizes 1024,8192
+    .venv/bin/python experiments/benchmark.py --sync-dispatch  # CPU calls on the calling thread
 
 Writes ``results.json`` and ``results.md`` to the run dir (default runs/benchmark).
 """
@@ -890,6 +891,7 @@ def environment(torch: Any, threads: int) -> dict[str, Any]:
         ),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "cpu_async_dispatch": bool(jax.config.values.get("jax_cpu_enable_async_dispatch", True)),
         "compiler_options": None if COMPILER_OPTIONS is None else dict(COMPILER_OPTIONS),
         "loadavg_start": list(os.getloadavg()),
     }
@@ -932,11 +934,20 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "XLA's defaults; default: the trainer's automatic choice (on CPU, "
         "mtl.train.CPU_JOINT_OPTIONS for steps without per-task gradients)",
     )
+    p.add_argument(
+        "--sync-dispatch",
+        action="store_true",
+        help="jax_cpu_enable_async_dispatch=False: CPU computations run on the calling thread "
+        "(no hand-off to a worker thread per call; cuts the cost of small single calls such as "
+        "'aggregator alone'); default: jax's asynchronous dispatch",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    if args.sync_dispatch:  # before the first computation: the CPU client reads it when made
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     global COMPILER_OPTIONS
     COMPILER_OPTIONS = args.compiler_options
     t_start = time.perf_counter()
@@ -1209,7 +1220,8 @@ def report(doc: dict) -> str:
         "fastest step over fastest matmul",
         f"- peak host memory (RSS) {env['peak_rss_mib']:.0f} MiB; run time {doc['seconds']:.0f} s",
         f"- XLA options of our steps: {xla_options_line(env['compiler_options'], doc)}; "
-        f"XLA_FLAGS={env['XLA_FLAGS'] or '(unset)'}",
+        f"XLA_FLAGS={env['XLA_FLAGS'] or '(unset)'}; CPU dispatch "
+        f"{'asynchronous' if env.get('cpu_async_dispatch', True) else 'synchronous'}",
         "",
         "## Training steps (ML-100K-shaped input, T = 3)",
         "",

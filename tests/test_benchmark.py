@@ -19,14 +19,15 @@ from mtl.models.base import NarrowLinear  # noqa: E402
 
 def test_missing_peers_are_skipped_with_their_reasons(tmp_path, child_env):
     """With PyTorch unimportable, the run says why each peer is skipped and still writes its
-    tables; the targets that need a peer are reported as not measured, not as met or missed."""
+    tables; the targets that need a peer are reported as not measured, not as met or missed.
+    (Run with --sync-dispatch, which the report must record.)"""
     hide = tmp_path / "hide"
     (hide / "torch").mkdir(parents=True)
     (hide / "torch" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
     env = dict(child_env, PYTHONPATH=f"{hide}:{ROOT}")
     out = tmp_path / "run"
     args = ["--quick", "--batch-sizes", "256", "--models", "shared_bottom"]
-    args += ["--chunk-examples", "1024", "--repeats", "1", "--out", str(out)]
+    args += ["--chunk-examples", "1024", "--repeats", "1", "--out", str(out), "--sync-dispatch"]
     r = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "benchmark.py"), *args],
         env=env,
@@ -47,6 +48,9 @@ def test_missing_peers_are_skipped_with_their_reasons(tmp_path, child_env):
     rep = goals["representation-level aggregation / joint step, T = 8 (worst case)"]
     assert rep["measured"] > 0 and isinstance(rep["met"], bool)
     assert "peers skipped" in (out / "results.md").read_text()
+    # --sync-dispatch reached jax before its CPU client was made, and the report says so
+    assert doc["environment"]["cpu_async_dispatch"] is False
+    assert "CPU dispatch synchronous" in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize("batch", [256, 1024])
