@@ -7,10 +7,12 @@
              sigmoid_binary_cross_entropy (two log-sigmoids), shared bottom, T = 3.
 - ``towers``: the shared bottom's fused first tower layer vs one matmul per tower, T = 3 and 8;
              with UPGrad, the towers kept apart (the trainer's choice) vs fusion forced.
-- ``gram``:  the Gram of long Jacobian rows as pairwise row sums (``aggregation._gram``) vs the
-             plain J Jᵀ and vs the blocked Gram of before (J written into [1024, T, P/1024]
-             blocks, G a batched matmul over them); representation-level MGDA, T = 8 (rows of
-             B x 128). And where the row form starts in the step: from 32 x 1024 columns (the
+- ``gram``:  the Gram of long Jacobian rows in one pass (``aggregation._gram`` from T = 4: one
+             variadic reduce over all row pairs) vs the T(T+1)/2 pairwise row sums of before, vs
+             the plain J Jᵀ and vs the blocked Gram of earlier still (J written into
+             [1024, T, P/1024] blocks, G a batched matmul over them); representation-level MGDA,
+             T = 8 (rows of B x 128); one pass vs pairwise for MGDA on the shared parameters
+             (T = 8) and, forced, for UPGrad (T = 3, where pairwise stays). And where the row form starts in the step: from 32 x 1024 columns (the
              default) vs from 128 x 1024 (as before), UPGrad and PCGrad at T = 3 (96,864 shared
              parameters) and representation-level MGDA at T = 8 below batch 1024.
 - ``narrow``: the kernels of the task heads and MMoE's gates stored [out, in]
@@ -173,6 +175,17 @@ def blocked_gram() -> contextlib.ExitStack:
     return stack
 
 
+def pairwise_gram() -> contextlib.AbstractContextManager:
+    """The long-row Gram as separate multiply-reduces over two whole rows for every T (before,
+    for every T; now for T <= 3)."""
+    return patched(aggregation, "_ONE_PASS_ROWS", 1 << 30)
+
+
+def one_pass_gram() -> contextlib.AbstractContextManager:
+    """The long-row Gram in one variadic reduce over all row pairs for every T (now from T = 4)."""
+    return patched(aggregation, "_ONE_PASS_ROWS", 1)
+
+
 def in_out_kernels() -> contextlib.ExitStack:
     """Heads and gates as before: ``nnx.Linear``, kernels stored [in, out]."""
     stack = contextlib.ExitStack()
@@ -280,24 +293,20 @@ def main(argv: list[str] | None = None) -> int:
             start = [("row form from 128k (as before)", row_form_from_128k), ("from 32k", now)]
             for agg in ("upgrad", "pcgrad"):
                 compare(f"row-form start, {agg}", start, b, 3, a.repeats, aggregator=agg)
+            rep = dict(aggregator="mgda", aggregate_on="representation")
             if b * 128 < 128 * 1024:
-                rep = dict(aggregator="mgda", aggregate_on="representation")
                 compare("row-form start, rep-level MGDA", start, b, 8, a.repeats, **rep)
-        if a.only in (None, "gram") and b * 128 >= 128 * 1024:
             grams = [
                 ("plain J Jᵀ", plain_gram),
                 ("blocked Gram, J written in blocks", blocked_gram),
-                ("pairwise row sums", now),
+                ("pairwise row sums (as before)", pairwise_gram),
+                ("one pass (now)", now),
             ]
-            compare(
-                "rep-level MGDA",
-                grams,
-                b,
-                8,
-                a.repeats,
-                aggregator="mgda",
-                aggregate_on="representation",
-            )
+            compare("rep-level MGDA", grams, b, 8, a.repeats, **rep)
+            one_pass = [("pairwise row sums (as before)", pairwise_gram), ("one pass (now)", now)]
+            compare("long-row Gram, MGDA on params", one_pass, b, 8, a.repeats, aggregator="mgda")
+            pairwise = [("pairwise row sums (now)", now), ("one pass, forced", one_pass_gram)]
+            compare("long-row Gram, UPGrad", pairwise, b, 3, a.repeats, aggregator="upgrad")
         if a.only in (None, "copies"):
             copies = [("decoded apart", per_copy_decode), ("fused first layers", now)]
             rep = dict(aggregator="mgda", aggregate_on="representation")

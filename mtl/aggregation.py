@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import numpy as np
 from jax import lax
 
 from mtl.spec import closest, unknown
@@ -63,41 +64,64 @@ def _rows_made_apart() -> Iterator[None]:
 
 def _long(p: int) -> bool:
     """Rows of length ``p`` >= 128 x 1024 (e.g. a representation-level Jacobian over B x H) are
-    handled row by row on CPU: ``_gram`` as pairwise sums, ``_combine`` as a sum of scaled rows.
-    Inside the trainer's step (``_rows_made_apart``) the row form starts at 32 x 1024: each pair
-    sum then reads the rows where their VJPs wrote them, and the stack is never built (UPGrad,
-    PCGrad, CAGrad, Nash-MTL at T = 3 on the 96,864 shared parameters: -7% to -8% step time at
-    batch 256 or 1024; representation-level MGDA at T = 8, batch 256: -7%; measured in the
-    trainer's step by interleaved A/Bs). Called on one [T, P] array (a Jacobian given whole), the
-    product stays faster below 128 x 1024: the row form first copies each row out of the array
-    (T = 8, P = 96,864: 0.85 ms against 0.45-0.49 ms per call). Other backends keep the plain
-    products: their GEMM libraries handle a few long rows well, and the row-by-row form was
-    measured on CPU only."""
+    handled row by row on CPU: ``_gram`` from sums over row pairs, ``_combine`` as a sum of
+    scaled rows.
+    Inside the trainer's step (``_rows_made_apart``) the row form starts at 32 x 1024: the sums
+    then read the rows where their VJPs wrote them, and the stack is never built (with the
+    pairwise sums: UPGrad, PCGrad, CAGrad, Nash-MTL at T = 3 on the 96,864 shared parameters -7%
+    to -8% step time at batch 256 or 1024; representation-level MGDA at T = 8, batch 256, -7%;
+    interleaved A/Bs of the trainer's step, docs/results/ablations.md). Called on one [T, P]
+    array (a Jacobian given whole), the product stays below 128 x 1024: the pairwise form first
+    copies each row out of the array (T = 8, P = 96,864: 0.85 ms against 0.45-0.49 ms per call),
+    and the one-pass form was no faster there. Other backends keep the plain products: their
+    GEMM libraries handle a few long rows well, and the row forms were measured on CPU only."""
     threshold = _LONG_ROWS_APART if _ROWS_APART.get() else _LONG_ROWS
     return p >= threshold and jax.default_backend() == "cpu"
+
+
+_LANES = 128  # the one-pass Gram's partial sums: each row seen as [128, P/128]
+_ONE_PASS_ROWS = 4  # from this many rows on, the long-row Gram is built in one pass
 
 
 def _gram(jacobian_TxP: Array) -> Array:
     """G = J Jᵀ in at least float32, full precision (no TF32 / bf16 passes).
 
     A [T, P] x [P, T] product with T tiny and P huge is a poor GEMM shape: XLA:CPU runs it at
-    ~25 GFLOP/s. For long rows (``_long``), G is built from the T(T+1)/2 sums Σ_p J_ip J_jp, one
-    fused multiply-reduce each (the same sums up to float summation order; representation-level
-    MGDA at T = 8, batch 4096: -19% step time against the product, experiments/ablate_step.py
-    --only gram). Each reads whole rows, so when the rows come from separate
-    computations (the per-task VJPs of the representation), XLA never stacks J into one [T, P]
-    array.
+    ~25 GFLOP/s. For long rows (``_long``), G is built from the T(T+1)/2 sums Σ_p J_ip J_jp,
+    reading the rows where their VJPs wrote them, so J is never stacked. With T >= 4 rows, in one
+    pass: a single variadic ``lax.reduce`` carries all the sums, each row seen as [128, P/128]
+    (128 partial sums per entry, then added; the last P mod 128 columns are one more partial), so
+    every row is read once. With T <= 3, each sum is its own fused multiply-reduce over two
+    whole rows, which XLA:CPU vectorises; the one-pass reduce runs element by element and only
+    wins when it saves many passes. In the trainer's step, one pass against separate sums:
+    representation-level MGDA at T = 8 -2% to -11%, MGDA on the shared parameters at T = 8 -1% to
+    -4.5%, UPGrad at T = 3 +5% to +7% at batch 1024, and within ±5% at T = 4 to 6
+    (experiments/ablate_step.py --only gram; docs/results/ablations.md). The same sums up to
+    float summation order; G is exactly symmetric.
     """
     j = jacobian_TxP.astype(jnp.promote_types(jacobian_TxP.dtype, jnp.float32))
     t, p = j.shape
     if not _long(p):
         return jnp.matmul(j, j.T, precision=_HI)
-    rows = [j[i] for i in range(t)]
-    g: list[list[Any]] = [[None] * t for _ in range(t)]
-    for a in range(t):
-        for b in range(a, t):
-            g[a][b] = g[b][a] = jnp.sum(rows[a] * rows[b])
-    return jnp.stack([jnp.stack(r) for r in g])
+    pairs = [(a, b) for a in range(t) for b in range(a, t)]
+    if t < _ONE_PASS_ROWS:
+        sums = jnp.stack([jnp.sum(j[a] * j[b]) for a, b in pairs])
+    else:
+        add = lambda xs, ys: tuple(x + y for x, y in zip(xs, ys, strict=True))
+        zeros = tuple(jnp.zeros((), j.dtype) for _ in pairs)
+        q, r = divmod(p, _LANES)
+        parts = []  # [pairs, partials] blocks
+        for lo, shape in ((0, (_LANES, q)), (_LANES * q, (1, r))):
+            if shape[0] * shape[1] == 0:
+                continue
+            rows = [j[i, lo : lo + shape[0] * shape[1]].reshape(shape) for i in range(t)]
+            prods = tuple(rows[a] * rows[b] for a, b in pairs)
+            parts.append(jnp.stack(lax.reduce(prods, zeros, add, (1,))))
+        sums = jnp.sum(jnp.concatenate(parts, axis=1), axis=1)
+    index = np.zeros((t, t), np.int32)
+    for k, (a, b) in enumerate(pairs):
+        index[a, b] = index[b, a] = k
+    return sums[index]
 
 
 def _combine(w_T: Array, jacobian_TxP: Array) -> Array:

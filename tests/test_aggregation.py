@@ -26,8 +26,9 @@ P = 24  # one parameter count for (almost) every test: fewer shapes, fewer compi
     ],
 )
 def test_gram_and_combination_match_float64_products(p, apart, rows):
-    """Short rows take the plain products, long ones pairwise sums and a sum of scaled rows (from
-    32k inside the trainer's step, where the rows are made apart; from 128k on a whole array): G
+    """Short rows take the plain products, long ones row sums and a sum of scaled rows (from
+    32k inside the trainer's step, where the rows are made apart; from 128k on a whole array; the
+    Gram in one pass over the rows): G
     equals J Jᵀ (and is exactly symmetric) and the combination equals wᵀJ, both in float64; the
     traced program has a dot exactly when the plain products are taken."""
     j = np.random.default_rng(1).normal(size=(5, p)).astype(np.float32)
@@ -38,11 +39,23 @@ def test_gram_and_combination_match_float64_products(p, apart, rows):
     gram, combine = (lambda j: agg._gram(j)), (lambda w, j: agg._combine(w, j))
     with agg._rows_made_apart() if apart else contextlib.nullcontext():
         assert agg._long(p) == rows
-        jaxprs = [str(jax.make_jaxpr(f)(*a)) for f, a in ((gram, (j,)), (combine, (w, j)))]
+        jaxprs = [jax.make_jaxpr(f)(*a).jaxpr for f, a in ((gram, (j,)), (combine, (w, j)))]
         got_g = np.asarray(jax.jit(gram)(jnp.asarray(j)), np.float64)
         got_c = np.asarray(jax.jit(combine)(jnp.asarray(w), jnp.asarray(j)), np.float64)
     assert agg._long(40_000) is False  # the hint ends with its block
-    assert all(("dot_general" in text) == (not rows) for text in jaxprs)
+    prims = [[e.primitive.name for e in jaxpr.eqns] for jaxpr in jaxprs]
+    assert all(("dot_general" in names) == (not rows) for names in prims)
+    if rows:  # T = 5: one variadic reduce over all 15 row pairs per block (128 lanes, rest)
+        passes = [e for e in jaxprs[0].eqns if e.primitive.name == "reduce"]
+        assert len(passes) == (2 if p % 128 else 1)
+        assert all(len(e.outvars) == 15 for e in passes)
+        with agg._rows_made_apart() if apart else contextlib.nullcontext():  # T = 3: pair sums
+            j3 = j[:3]
+            names = [e.primitive.name for e in jax.make_jaxpr(gram)(j3).jaxpr.eqns]
+            got3 = np.asarray(jax.jit(gram)(jnp.asarray(j3)), np.float64)
+        assert "reduce" not in names and names.count("reduce_sum") == 6
+        np.testing.assert_allclose(got3, j64[:3] @ j64[:3].T, rtol=1e-5, atol=1e-3 * np.sqrt(p))
+        np.testing.assert_array_equal(got3, got3.T)
     np.testing.assert_allclose(got_g, j64 @ j64.T, rtol=1e-5, atol=1e-3 * np.sqrt(p))
     if rows:
         np.testing.assert_array_equal(got_g, got_g.T)
