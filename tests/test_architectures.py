@@ -623,3 +623,24 @@ def test_partition_classifies_parameters_and_alternating_keeps_other_task_bit_id
                 assert not np.array_equal(a[0], b[0]), f"{name} {p}[t1] did not train"
             else:  # t1's own and the shared parameters move
                 assert not np.array_equal(a, b), f"{name} {p} did not train"
+
+
+def test_two_tower_steps_keep_xla_defaults_on_cpu():
+    """A step with a retrieval task (in-batch softmax over [B, B] logits) keeps XLA's defaults
+    under the automatic choice; the same step kind without one gets CPU_JOINT_OPTIONS on CPU."""
+    from mtl.train import (
+        CPU_JOINT_OPTIONS,
+        TrainConfig,
+        Trainer,
+        _xla_refusal,
+        default_compiler_options,
+    )
+
+    _, fspecs, _, _ = recsys_data(16)
+    model = build_model("two_tower", fspecs, TT_TASKS, **SMALL["two_tower"], **TT_SIDES)
+    assert Trainer(model, TrainConfig()).compiler_options == {}
+    assert default_compiler_options(False, retrieval=True) == {}
+    cpu_auto = (
+        jax.default_backend() == "cpu" and _xla_refusal(tuple(CPU_JOINT_OPTIONS.items())) is None
+    )
+    assert default_compiler_options(False) == (CPU_JOINT_OPTIONS if cpu_auto else {})
