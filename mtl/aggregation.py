@@ -93,10 +93,11 @@ def _gram(jacobian_TxP: Array) -> Array:
     (128 partial sums per entry, then added; the last P mod 128 columns are one more partial), so
     every row is read once. With T <= 3, each sum is its own fused multiply-reduce over two
     whole rows, which XLA:CPU vectorises; the one-pass reduce runs element by element and only
-    wins when it saves many passes. In the trainer's step, one pass against separate sums:
-    representation-level MGDA at T = 8 -2% to -11%, MGDA on the shared parameters at T = 8 -1% to
-    -4.5%, UPGrad at T = 3 +5% to +7% at batch 1024, and within ±5% at T = 4 to 6
-    (experiments/ablate_step.py --only gram; docs/results/ablations.md). The same sums up to
+    wins when it saves many passes. In the trainer's step, one pass against separate sums, over
+    four interleaved A/Bs at batch 256 to 4096: representation-level MGDA at T = 8 -1% to -9%
+    (-7% to -9% at 4096), MGDA on the shared parameters at T = 8 -4.6% to +1.5%, UPGrad at T = 3
+    +3.6% to +7% at batch 1024, and within ±5% at T = 4 to 6 (experiments/ablate_step.py --only
+    gram; docs/results/ablations.md). The same sums up to
     float summation order; G is exactly symmetric.
     """
     j = jacobian_TxP.astype(jnp.promote_types(jacobian_TxP.dtype, jnp.float32))
