@@ -68,8 +68,9 @@ def _long(p: int) -> bool:
     scaled rows.
     Inside the trainer's step (``_rows_made_apart``) the row form starts at 32 x 1024: the sums
     then read the rows where their VJPs wrote them, and the stack is never built (with the
-    pairwise sums: UPGrad, PCGrad, CAGrad, Nash-MTL at T = 3 on the 96,864 shared parameters -7%
-    to -8% step time at batch 256 or 1024; representation-level MGDA at T = 8, batch 256, -7%;
+    pairwise sums: UPGrad, PCGrad, CAGrad, Nash-MTL at T = 3 on the 96,864 shared parameters -2%
+    to -18% step time at batch 256 or 1024, -0.2% to -2% at 4096; representation-level MGDA at
+    T = 8, batch 256, -5% to -7%;
     interleaved A/Bs of the trainer's step, docs/results/ablations.md). Called on one [T, P]
     array (a Jacobian given whole), the product stays below 128 x 1024: the pairwise form first
     copies each row out of the array (T = 8, P = 96,864: 0.85 ms against 0.45-0.49 ms per call),
