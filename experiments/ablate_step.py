@@ -12,9 +12,10 @@
              the plain J Jᵀ and vs the blocked Gram of earlier still (J written into
              [1024, T, P/1024] blocks, G a batched matmul over them); representation-level MGDA,
              T = 8 (rows of B x 128); one pass vs pairwise for MGDA on the shared parameters
-             (T = 8) and, forced, for UPGrad (T = 3, where pairwise stays). And where the row form starts in the step: from 32 x 1024 columns (the
-             default) vs from 128 x 1024 (as before), UPGrad and PCGrad at T = 3 (96,864 shared
-             parameters) and representation-level MGDA at T = 8 below batch 1024.
+             (T = 8) and, forced, for UPGrad (T = 3, where pairwise stays). And where the row
+             form starts in the step: from 32 x 1024 columns (the default) vs from 128 x 1024
+             (as before), UPGrad and PCGrad at T = 3 (96,864 shared parameters) and
+             representation-level MGDA at T = 8 below batch 1024.
 - ``narrow``: the kernels of the task heads and MMoE's gates stored [out, in]
              (``base.NarrowLinear``, the default) vs [in, out] (``nnx.Linear``, as before):
              shared bottom at T = 3 (a 19-way head) and T = 8, MMoE at T = 3.

@@ -27,10 +27,10 @@ P = 24  # one parameter count for (almost) every test: fewer shapes, fewer compi
 )
 def test_gram_and_combination_match_float64_products(p, apart, rows):
     """Short rows take the plain products, long ones row sums and a sum of scaled rows (from
-    32k inside the trainer's step, where the rows are made apart; from 128k on a whole array; the
-    Gram in one pass over the rows): G
-    equals J Jᵀ (and is exactly symmetric) and the combination equals wᵀJ, both in float64; the
-    traced program has a dot exactly when the plain products are taken."""
+    32k inside the trainer's step, where the rows are made apart; from 128k on a whole array):
+    G equals J Jᵀ (and is exactly symmetric) and the combination equals wᵀJ, both in float64;
+    the traced program has a dot exactly when the plain products are taken, one variadic reduce
+    per block at T = 5 and one multiply-reduce per pair at T = 3."""
     j = np.random.default_rng(1).normal(size=(5, p)).astype(np.float32)
     w = np.linspace(-1.0, 2.0, 5).astype(np.float32)
     j64 = j.astype(np.float64)
