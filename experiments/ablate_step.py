@@ -34,6 +34,10 @@
              ``TrainConfig.compiler_options``; shared bottom and MMoE joint (T = 3 and 8), shared
              bottom with UPGrad and with representation-level MGDA (T = 8); its own table, with
              the compiled chunk's HLO copy count.
+- ``micro``: ``TrainConfig.microbatches``: the batch kept whole (1) vs split in 2 (the automatic
+             choice on CPU from batch 512 for steps without per-task gradients) vs 4; shared
+             bottom at T = 3 and 8, MMoE at T = 3, and UPGrad at T = 3 (where the automatic
+             choice keeps 1).
 - ``chunk``: the fixed cost of one ``Trainer.run``: the stage mask rebuilt on the host and sent
              per call (as before) vs cached on the device, and 32,768 rows per call vs one
              epoch of the main job's ML-100K training split (73,728 rows, the benchmark's chunk).
@@ -221,6 +225,11 @@ def xla_options(options: dict | None) -> Callable[[], contextlib.AbstractContext
     return lambda: patched(B, "COMPILER_OPTIONS", options)
 
 
+def microbatches(k: int) -> Callable[[], contextlib.AbstractContextManager]:
+    """The benchmark's trainer with ``TrainConfig.microbatches=k``."""
+    return lambda: patched(B, "TrainConfig", functools.partial(TrainConfig, microbatches=k))
+
+
 def host_mask() -> contextlib.AbstractContextManager:
     """The stage mask as before: numpy booleans rebuilt from the parameter paths on every run."""
     rebuild = lambda self, state, stage: partition.selector_mask(state.params, stage.trainable)
@@ -265,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--only",
-        choices=("bce", "towers", "narrow", "gram", "copies", "optimizer", "xla", "chunk"),
+        choices=("bce", "towers", "narrow", "gram", "copies", "optimizer", "xla", "micro", "chunk"),
         default=None,
     )
     p.add_argument("--batch-sizes", default="256,4096")
@@ -334,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
             rep = dict(aggregator="mgda", aggregate_on="representation", copies=True)
             compare("XLA options, rep-level MGDA", xla, b, 8, a.repeats, **rep)
             print()
+        if a.only in (None, "micro"):
+            split = [(f"{k}", microbatches(k)) for k in (1, 2, 4)]
+            for t in (3, 8):
+                compare("microbatches, shared bottom", split, b, t, a.repeats)
+            compare("microbatches, MMoE", split, b, 3, a.repeats, model="mmoe")
+            compare("microbatches, UPGrad", split, b, 3, a.repeats, aggregator="upgrad")
         if a.only in (None, "chunk"):
             runs = [
                 ("host mask, 32,768 rows per run", host_mask),

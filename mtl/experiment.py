@@ -210,6 +210,7 @@ SPEC_KEYS = (
     "keep",
     "early_stopping",
     "compiler_options",
+    "microbatches",
 )
 
 
@@ -235,7 +236,8 @@ def train_run(
     batch_size, learning_rate, optimizer, weights, aggregator, aggregator_kwargs, aggregate_on,
     weighting, weighting_kwargs, order, probs, l1, l2, seed, nan_policy, log_every, save_every,
     early_stopping (a mapping of ``mtl.runner.EarlyStopping``'s fields; needs ``val``),
-    compiler_options (XLA options for the compiled step, ``TrainConfig.compiler_options``).
+    compiler_options (XLA options for the compiled step, ``TrainConfig.compiler_options``),
+    microbatches (``TrainConfig.microbatches``; default: the automatic choice).
     """
     from mtl import aggregation, weighting
     from mtl.spec import unknown
@@ -301,8 +303,10 @@ def train_run(
         compiler_options=None
         if spec.get("compiler_options") is None
         else dict(spec["compiler_options"]),
+        microbatches=spec.get("microbatches"),
     )
     trainer = Trainer(model, cfg)
+    trainer.microbatches(batch_size)  # a count that does not divide the batch fails here
     record = {
         "model": spec["model"],
         "schedule": spec.get("schedule", "joint"),

@@ -285,7 +285,7 @@ def _grad_culprits(trainer: Trainer, state: TrainState, batch: dict, w_T: np.nda
 
     def finite_T(params, rest, batch, w_T):
         loss_fn = lambda p: trainer._losses_fn(p, rest, batch, k_drop)
-        _, vjp, _ = jax.vjp(loss_fn, params, has_aux=True)
+        _, vjp = jax.vjp(loss_fn, params)
         J = jax.vmap(vjp)(jnp.diag(w_T))[0]
         rows = [jnp.isfinite(x.reshape(x.shape[0], -1)).all(1) for x in jax.tree.leaves(J)]
         return jnp.stack(rows).all(0)

@@ -144,6 +144,12 @@ class TrainConfig:
     # automatic choice (default_compiler_options: on CPU, CPU_JOINT_OPTIONS for steps without
     # per-task gradients, else XLA's defaults); {}: XLA's defaults; a dict: exactly those.
     compiler_options: dict | None = None
+    # Microbatches of each step: the batch's rows split k ways (row r in microbatch r mod k), the
+    # loss the count-weighted sum of the microbatch losses (the same loss, summed in another
+    # order), each microbatch its own forward and backward in the one compiled step. None: the
+    # automatic choice (default_microbatches: 2 on CPU for large steps without per-task gradients,
+    # where XLA:CPU then runs the two halves side by side; else 1); an int: exactly that many.
+    microbatches: int | None = None
 
 
 # the TrainConfig fields a resumed run must share with the run that wrote the checkpoint
@@ -253,6 +259,21 @@ def default_compiler_options(per_task: bool, retrieval: bool = False) -> dict:
     if _xla_refusal(tuple(CPU_JOINT_OPTIONS.items())) is not None:  # a jaxlib without the option
         return {}
     return dict(CPU_JOINT_OPTIONS)
+
+
+# the smallest batch that the automatic choice splits on CPU (smaller ones gained nothing)
+CPU_MICROBATCH_MIN = 512
+
+
+def default_microbatches(batch_size: int, per_task: bool, exact: bool) -> int:
+    """What ``TrainConfig.microbatches=None`` stands for at ``batch_size``: 2 on the CPU backend for
+    a step that computes no per-task gradients (``per_task`` False) when splitting changes nothing
+    but the order of sums (``exact``: no retrieval task, no active dropout) and the batch is even
+    and at least CPU_MICROBATCH_MIN; 1 otherwise. Two independent halves let XLA:CPU keep both
+    cores busy (its ops on a whole batch leave a core idle part of the time)."""
+    if per_task or not exact or jax.default_backend() != "cpu":
+        return 1
+    return 2 if batch_size >= CPU_MICROBATCH_MIN and batch_size % 2 == 0 else 1
 
 
 @functools.cache
@@ -365,6 +386,28 @@ class Trainer:
         # the shared part, and a weighting that reads the Jacobian backpropagates one task per
         # vmapped row: a fused layer would then carry every tower's gradient in every copy/row.
         per_task = self.aggregator is not None or "jacobian" in self.weighting.needs
+        retrieval = [t.name for t in self.tasks if t.kind == "retrieval"]
+        dropout = any(isinstance(m, nnx.Dropout) and m.rate > 0 for _, m in nnx.iter_modules(model))
+        # the automatic choices read the step's kind (gradient logging computes per-task
+        # gradients too) and whether a split would change more than the order of sums
+        self._per_task = per_task or c.log_every > 0
+        self._split_exact = not retrieval and not dropout
+        if c.microbatches is not None:
+            k = integer(
+                "microbatches", c.microbatches, 1, " (1 keeps the batch whole; None: automatic)"
+            )
+            if k > 1 and retrieval:
+                raise ValueError(
+                    f"microbatches: {k} would split the batch, but task {retrieval[0]!r} is a "
+                    "retrieval task whose in-batch softmax takes its negatives from the whole "
+                    "batch; use microbatches=1 (or None)"
+                )
+            if k > 1 and self.aggregator is not None and c.aggregate_on == "representation":
+                raise ValueError(
+                    f"microbatches: {k} is not supported with aggregate_on='representation' (the "
+                    "aggregator combines the whole batch's representation gradients); use "
+                    "microbatches=1 (or None), or aggregate_on='params'"
+                )
         fused = getattr(model, "fuse_towers", None)
         if fused is not None:
             model.fuse_towers = fused and not per_task
@@ -394,9 +437,7 @@ class Trainer:
         self._template = (params, rest)
         self._masks: dict = {}  # stage_mask's cache
         opts = check_compiler_options(  # gradient logging computes per-task gradients too
-            default_compiler_options(
-                per_task or c.log_every > 0, any(t.kind == "retrieval" for t in self.tasks)
-            )
+            default_compiler_options(self._per_task, bool(retrieval))
             if c.compiler_options is None
             else c.compiler_options
         )
@@ -445,7 +486,7 @@ class Trainer:
             "model": self.model_name,
             "tasks": [dataclasses.asdict(t) for t in self.tasks],
             "params": shapes,
-            # everything that shapes the trajectory (not nan_policy, log_every, compiler_options)
+            # what shapes the trajectory (not nan_policy, log_every, compiler_options, microbatches)
             "config": {k: cfg[k] for k in _TRAJECTORY_FIELDS},
             # the optimizer state's layout (a checkpoint of another one cannot be restored)
             "opt_state": f"{layout} {hashlib.sha1(str(opt).encode()).hexdigest()[:12]}",
@@ -484,11 +525,15 @@ class Trainer:
         return tuple(self.names.index(n) for n in stage.tasks)
 
     # ------------------------------------------------------------------ losses
+    def _task_mask(self, i: int, batch) -> Array | None:
+        """Task i's example weights on ``batch`` (its label mask times ``valid``; None: all 1)."""
+        valid = batch.get("valid")
+        m = batch.get("masks", {}).get(self.tasks[i].name)
+        return valid if m is None else (m if valid is None else m * valid)
+
     def _task_loss(self, i: int, preds, batch) -> Array:
-        t, valid = self.tasks[i], batch.get("valid")
-        m = batch.get("masks", {}).get(t.name)
-        m = valid if m is None else (m if valid is None else m * valid)
-        return task_loss(t.kind, preds[t.name], batch["labels"][t.name], m)
+        t = self.tasks[i]
+        return task_loss(t.kind, preds[t.name], batch["labels"][t.name], self._task_mask(i, batch))
 
     def _task_losses(self, preds, batch) -> Array:
         return jnp.stack([self._task_loss(i, preds, batch) for i in range(len(self.tasks))])
@@ -496,11 +541,57 @@ class Trainer:
     def _rngs(self, key):
         return nnx.Rngs(dropout=key)
 
-    def _losses_fn(self, params, rest, batch, key):
-        """(losses_T, aux) of the model at ``params`` on ``batch``; ``key`` drives dropout."""
+    def microbatches(self, batch_size: int) -> int:
+        """How many microbatches a step on ``batch_size`` rows splits into (TrainConfig.microbatches,
+        or the automatic choice ``default_microbatches``); a ValueError if they do not divide it."""
+        k = self.config.microbatches
+        if k is None:
+            return default_microbatches(batch_size, self._per_task, self._split_exact)
+        if batch_size % k:
+            divisors = [d for d in (2, 4, 8) if batch_size % d == 0]
+            fix = f"e.g. {divisors[0]}, " if divisors else ""
+            raise ValueError(
+                f"microbatches: {k} does not divide the batch size {batch_size}; use a divisor of "
+                f"it ({fix}or 1 to keep the batch whole)"
+            )
+        return k
+
+    def _over_microbatches(self, batch, key, losses_of) -> Array:
+        """losses_T = ``losses_of(batch, key)`` computed over the step's microbatches.
+
+        Microbatch j holds rows j, j + k, j + 2k, ... (a data-parallel batch stays evenly spread
+        over its devices), with dropout key fold_in(key, j). Every loss is a weighted mean over
+        examples, so task i's loss is Σ_j s_ji L_ji with s_ji microbatch j's share of task i's
+        example weight: the loss of the whole batch, summed in another order. The microbatches'
+        forward and backward passes are independent parts of the one compiled step."""
+        B = jax.tree.leaves(batch)[0].shape[0]
+        k = self.microbatches(B)
+        if k == 1:
+            return losses_of(batch, key)
+        parts = [
+            jax.tree.map(lambda x, j=j: x.reshape(B // k, k, *x.shape[1:])[:, j], batch)
+            for j in range(k)
+        ]
+        weight = lambda i, part: (
+            jnp.float32(B // k)
+            if (m := self._task_mask(i, part)) is None
+            else jnp.sum(m, dtype=jnp.float32)
+        )
+        counts_kT = jnp.stack(
+            [jnp.stack([weight(i, p) for i in range(len(self.tasks))]) for p in parts]
+        )
+        share_kT = counts_kT / jnp.maximum(jnp.sum(counts_kT, 0), 1e-12)
+        losses_kT = jnp.stack(
+            [losses_of(p, jax.random.fold_in(key, j)) for j, p in enumerate(parts)]
+        )
+        return jnp.sum(share_kT * losses_kT, 0)
+
+    def _losses_fn(self, params, rest, batch, key) -> Array:
+        """losses_T of the model at ``params`` on ``batch`` (over the step's microbatches); ``key``
+        drives dropout."""
         model = nnx.merge(self.graphdef, params, rest)
-        preds, aux = model(batch["features"], self._rngs(key))
-        return self._task_losses(preds, batch), aux
+        losses_of = lambda b, k: self._task_losses(model(b["features"], self._rngs(k))[0], b)
+        return self._over_microbatches(batch, key, losses_of)
 
     def _penalty(self, params) -> Array:
         """λ_soft Σ_i ||θ_i − θ̄||² over stacked columns + l2 Σθ² + l1 Σ|θ|."""
@@ -594,8 +685,8 @@ class Trainer:
             return losses_T, w_T, grads, J, agg_state
 
         if self.aggregator is None:
-            losses_T, vjp, aux = jax.vjp(
-                lambda p: self._losses_fn(p, state.rest, batch, k_drop), state.params, has_aux=True
+            losses_T, vjp = jax.vjp(
+                lambda p: self._losses_fn(p, state.rest, batch, k_drop), state.params
             )
             w_T = weights(losses_T)
             (grads,) = vjp(w_T)
@@ -611,16 +702,15 @@ class Trainer:
             return jax.tree.unflatten(treedef, [next(s) if m else next(o) for m in flags])
 
         def losses_fn(copies, own):  # task i reads its own copy copies[i] of the shared leaves
-            outs = [
-                nnx.merge(self.graphdef, params_of(c, own), state.rest)(
-                    batch["features"], self._rngs(k_drop)
-                )
-                for c in copies
-            ]
-            losses = [self._task_loss(i, outs[i][0], batch) for i in range(T)]
-            return jnp.stack(losses), outs[0][1]
+            models = [nnx.merge(self.graphdef, params_of(c, own), state.rest) for c in copies]
 
-        losses_T, vjp, aux = jax.vjp(losses_fn, (shared,) * T, own, has_aux=True)
+            def losses_of(b, key):
+                outs = [m(b["features"], self._rngs(key))[0] for m in models]
+                return jnp.stack([self._task_loss(i, outs[i], b) for i in range(T)])
+
+            return self._over_microbatches(batch, k_drop, losses_of)
+
+        losses_T, vjp = jax.vjp(losses_fn, (shared,) * T, own)
         w_T = weights(losses_T)
         copies, g_own = vjp(w_T)
         stack = lambda copies: jnp.stack(
@@ -703,7 +793,7 @@ class Trainer:
 
         next_losses = None
         if "next_losses" in self.weighting.needs:
-            next_losses = self._losses_fn(params, state.rest, batch, k_next)[0]
+            next_losses = self._losses_fn(params, state.rest, batch, k_next)
         info = StepInfo(
             losses=losses_T,
             next_losses=next_losses,
@@ -754,9 +844,7 @@ class Trainer:
 
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         k_drop = jax.random.split(jax.random.split(key, 4)[1], 3)[0]  # as in _step_fn / _grads
-        _, vjp, _ = jax.vjp(
-            lambda p: self._losses_fn(p, state.rest, batch, k_drop), state.params, has_aux=True
-        )
+        _, vjp = jax.vjp(lambda p: self._losses_fn(p, state.rest, batch, k_drop), state.params)
         J = self._shared_rows(jax.vmap(vjp)(jnp.eye(len(self.tasks)))[0])
         return analysis.summarize(J)
 
