@@ -87,6 +87,9 @@ LR = 1e-3
 # TrainConfig.compiler_options of every setting of ours (--compiler-options; None: the trainer's
 # automatic choice, train.default_compiler_options; {}: XLA's defaults)
 COMPILER_OPTIONS: dict[str, Any] | None = None
+# TrainConfig.microbatches of every setting of ours (--microbatches; None: the trainer's automatic
+# choice, train.default_microbatches)
+MICROBATCHES: int | None = None
 # rows per timed chunk: one epoch of the main job's ML-100K training split (100,000 ratings less
 # 20% test and 10% of the rest for validation = 72,000), rounded up to a multiple of 4096
 EPOCH_EXAMPLES = 73728
@@ -295,6 +298,7 @@ def ours(
         aggregator_kwargs=AGG_KWARGS.get(aggregator or "", {}),
         aggregate_on=aggregate_on,
         compiler_options=None if COMPILER_OPTIONS is None else dict(COMPILER_OPTIONS),
+        microbatches=MICROBATCHES,
     )
     trainer = Trainer(model, config)
     state = trainer.init(model)
@@ -321,7 +325,11 @@ def ours(
         "tasks": len(data.task_specs),
         "devices": 1 if mesh is None else mesh.size,
     }
-    info: dict[str, Any] = {"flops_per_step": None, "compiler_options": trainer.compiler_options}
+    info: dict[str, Any] = {
+        "flops_per_step": None,
+        "compiler_options": trainer.compiler_options,
+        "microbatches": trainer.microbatches(batch),
+    }
     return Ours(Bench(label, chunk, steps, batch, info=info), lowered, lower_s, per_step_flops)
 
 
@@ -653,11 +661,15 @@ def step_gemms(data: Dataset, batch: int) -> list[dict[str, Any]]:
     layers [128, 64T]; tower outputs @ heads. Backward: for each, dW = inputᵀ δ (contracting the
     batch) and dx = δ Wᵀ, with the layouts the step uses: the heads' kernels are stored [out, in]
     (``base.NarrowLinear``), so theirs are x Wᵀ, dW = δᵀ x and dx = δ W. Compiled with the joint
-    step's XLA options.
+    step's XLA options, on the rows of one of its k microbatches (``Trainer.microbatches``); the
+    µs of a matmul are k times one.
     """
     model = build_model(
         "shared_bottom", data.feature_specs, data.task_specs, **SIZES["shared_bottom"]
     )
+    # the joint step runs each matmul once per microbatch, on its rows
+    k = Trainer(model, TrainConfig(microbatches=MICROBATCHES)).microbatches(batch)
+    rows = batch // k
     D, H = model.encoder.out_dim, model.trunk.out_dim
     widths = [model.towers[t.name].out_dim for t in data.task_specs]
     tower_in = sum(model.towers[t.name].layers[0].out_features for t in data.task_specs)
@@ -670,32 +682,33 @@ def step_gemms(data: Dataset, batch: int) -> list[dict[str, Any]]:
     key, out = jax.random.key(0), []
     # compiled as the joint step is (the trainer's automatic choice, unless --compiler-options)
     options = default_compiler_options(False) if COMPILER_OPTIONS is None else COMPILER_OPTIONS
-    for name, k, n, out_in in shapes:
-        x = jax.random.normal(key, (batch, k))
-        dy = jax.random.normal(key, (batch, n))
-        if out_in:  # kernel [n, k]
-            w = jax.random.normal(key, (n, k))
+    for name, kk, n, out_in in shapes:
+        x = jax.random.normal(key, (rows, kk))
+        dy = jax.random.normal(key, (rows, n))
+        if out_in:  # kernel [n, kk]
+            w = jax.random.normal(key, (n, kk))
             parts = (
                 ("forward x Wᵀ", lambda a, b: contract(a, b, ((1,), (1,))), (x, w)),
                 ("backward dW = δᵀ x", lambda a, b: contract(a, b, ((0,), (0,))), (dy, x)),
                 ("backward dx = δ W", lambda a, b: contract(a, b, ((1,), (0,))), (dy, w)),
             )
-        else:  # kernel [k, n]
-            w = jax.random.normal(key, (k, n))
+        else:  # kernel [kk, n]
+            w = jax.random.normal(key, (kk, n))
             parts = (
                 ("forward x W", lambda a, b: contract(a, b, ((1,), (0,))), (x, w)),
                 ("backward dW = xᵀ δ", lambda a, b: contract(a, b, ((0,), (0,))), (x, dy)),
                 ("backward dx = δ Wᵀ", lambda a, b: contract(a, b, ((1,), (1,))), (dy, w)),
             )
         for part, fn, args in parts:
-            us = _in_loop_us(fn, *args, compiler_options=options)
-            flops = 2 * batch * k * n
+            us = k * _in_loop_us(fn, *args, compiler_options=options)
+            flops = 2 * batch * kk * n
             out.append(
                 {
                     "batch": batch,
+                    "microbatches": k,
                     "layer": name,
                     "gemm": part,
-                    "shape": f"{batch}x{k}x{n}",
+                    "shape": f"{k} x {rows}x{kk}x{n}" if k > 1 else f"{batch}x{kk}x{n}",
                     "us": us,
                     "gflops_per_s": flops / us / 1e3,
                     "flops": flops,
@@ -893,6 +906,7 @@ def environment(torch: Any, threads: int) -> dict[str, Any]:
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         "cpu_async_dispatch": bool(jax.config.values.get("jax_cpu_enable_async_dispatch", True)),
         "compiler_options": None if COMPILER_OPTIONS is None else dict(COMPILER_OPTIONS),
+        "microbatches": MICROBATCHES,
         "loadavg_start": list(os.getloadavg()),
     }
 
@@ -935,6 +949,13 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "mtl.train.CPU_JOINT_OPTIONS for steps without per-task gradients)",
     )
     p.add_argument(
+        "--microbatches",
+        type=int,
+        default=None,
+        help="TrainConfig.microbatches of our steps; default: the trainer's automatic choice (on "
+        "CPU, 2 for steps without per-task gradients from batch 512)",
+    )
+    p.add_argument(
         "--sync-dispatch",
         action="store_true",
         help="jax_cpu_enable_async_dispatch=False: CPU computations run on the calling thread "
@@ -948,8 +969,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     if args.sync_dispatch:  # before the first computation: the CPU client reads it when made
         jax.config.update("jax_cpu_enable_async_dispatch", False)
-    global COMPILER_OPTIONS
-    COMPILER_OPTIONS = args.compiler_options
+    global COMPILER_OPTIONS, MICROBATCHES
+    COMPILER_OPTIONS, MICROBATCHES = args.compiler_options, args.microbatches
     t_start = time.perf_counter()
     q = args.quick
     batch_sizes = [
@@ -1134,7 +1155,8 @@ def limits(doc: dict) -> list[str]:
         f"## Where the time goes (shared bottom, joint, batch {b})",
         "",
         "Each matmul of the training step timed alone inside a compiled loop (median of 10 loops "
-        "of 20), compiled with the joint step's XLA options. Their sum is a floor under the step on this backend: the rest of the step "
+        "of 20), compiled with the joint step's XLA options; with k microbatches (k x B x K x N) "
+        "the step runs it k times on B rows, and µs is k times one. Their sum is a floor under the step on this backend: the rest of the step "
         "(embedding gather/scatter, activations, losses, Adam, the finite check) comes on top.",
         "",
         table(
@@ -1197,6 +1219,24 @@ def xla_options_line(given: dict | None, doc: dict) -> str:
     return "the trainer's automatic choice (train.default_compiler_options): " + "; ".join(parts)
 
 
+def microbatches_line(given: int | None, doc: dict) -> str:
+    """The report's account of the microbatches our steps split their batch into."""
+    if given is not None:
+        return f"{given}, as given (--microbatches)"
+    kinds: dict[int, dict[str, set[int]]] = {}
+    for r in doc["training"] + doc["representation_vs_joint"]:
+        if "microbatches" in r:
+            agg = r["aggregator"]
+            kind = "none" if agg == "-" else f"{agg} ({r['aggregate_on']})"
+            kinds.setdefault(r["microbatches"], {}).setdefault(kind, set()).add(r["batch"])
+    parts = [
+        f"{k} with aggregator "
+        + ", ".join(f"{a} at batch {'/'.join(map(str, sorted(b)))}" for a, b in sorted(v.items()))
+        for k, v in sorted(kinds.items())
+    ]
+    return "the trainer's automatic choice (train.default_microbatches): " + "; ".join(parts)
+
+
 def report(doc: dict) -> str:
     env = doc["environment"]
     v = env["versions"]
@@ -1222,6 +1262,7 @@ def report(doc: dict) -> str:
         f"- XLA options of our steps: {xla_options_line(env['compiler_options'], doc)}; "
         f"XLA_FLAGS={env['XLA_FLAGS'] or '(unset)'}; CPU dispatch "
         f"{'asynchronous' if env.get('cpu_async_dispatch', True) else 'synchronous'}",
+        f"- microbatches of our steps: {microbatches_line(env.get('microbatches'), doc)}",
         "",
         "## Training steps (ML-100K-shaped input, T = 3)",
         "",
