@@ -16,6 +16,8 @@
              form starts in the step: from 32 x 1024 columns (the default) vs from 128 x 1024
              (as before), UPGrad and PCGrad at T = 3 (96,864 shared parameters) and
              representation-level MGDA at T = 8 below batch 1024.
+- ``relu``:  the fused first tower layer's ReLU applied once to [B, Σ widths] before the split
+             (the default) vs per tower after it (as before), shared bottom at T = 3 and 8.
 - ``narrow``: the kernels of the task heads and MMoE's gates stored [out, in]
              (``base.NarrowLinear``, the default) vs [in, out] (``nnx.Linear``, as before):
              shared bottom at T = 3 (a 19-way head) and T = 8, MMoE at T = 3.
@@ -56,6 +58,7 @@ from typing import Any
 
 import benchmark as B  # experiments/benchmark.py: python puts the script's folder on sys.path
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -111,6 +114,19 @@ def per_tower_matmuls() -> contextlib.AbstractContextManager:
     """The shared bottom as before: each tower's first layer its own matmul."""
     apart = lambda m, names, rep, rngs: {n: m.towers[n](rep, rngs) for n in names}
     return patched(shared_bottom.SharedBottom, "decode", _decode_with(apart))
+
+
+def _split_then_relu(towers: Any, names: Any, x: Any, rngs: Any = None) -> dict:
+    firsts = [towers[n].layers[0] for n in names]
+    kernel = jnp.concatenate([f.kernel[...] for f in firsts], axis=1)
+    z = x @ kernel + jnp.concatenate([f.bias[...] for f in firsts])
+    pieces = jnp.split(z, np.cumsum([f.out_features for f in firsts])[:-1], axis=-1)
+    return {n: towers[n].after_first(zn, rngs) for n, zn in zip(names, pieces, strict=True)}
+
+
+def relu_per_tower() -> contextlib.AbstractContextManager:
+    """The fused first tower layer as before: split first, then each tower's ReLU."""
+    return patched(shared_bottom, "towers_on_shared_input", _split_then_relu)
 
 
 def forced_fusion() -> contextlib.AbstractContextManager:
@@ -274,7 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--only",
-        choices=("bce", "towers", "narrow", "gram", "copies", "optimizer", "xla", "micro", "chunk"),
+        choices=(
+            "bce",
+            "towers",
+            "relu",
+            "narrow",
+            "gram",
+            "copies",
+            "optimizer",
+            "xla",
+            "micro",
+            "chunk",
+        ),
         default=None,
     )
     p.add_argument("--batch-sizes", default="256,4096")
@@ -294,6 +321,13 @@ def main(argv: list[str] | None = None) -> int:
                 compare("towers", towers, b, t, a.repeats)
             upgrad = [("apart (the trainer's choice)", now), ("fused, forced", forced_fusion)]
             compare("towers, UPGrad", upgrad, b, 3, a.repeats, aggregator="upgrad")
+        if a.only in (None, "relu"):
+            relu = [
+                ("split, then ReLU per tower (before)", relu_per_tower),
+                ("ReLU, then split", now),
+            ]
+            for t in (3, 8):
+                compare("first tower layer's ReLU", relu, b, t, a.repeats)
         if a.only in (None, "narrow"):
             kernels = [("[in, out] (nnx.Linear)", in_out_kernels), ("[out, in]", now)]
             for t in (3, 8):

@@ -87,7 +87,11 @@ class MLP(nnx.Module):
 
     def after_first(self, z: Array, rngs: nnx.Rngs | None = None) -> Array:
         """The MLP given its first layer's pre-activation ``z`` (see ``towers_on_shared_input``)."""
-        x = self.drop(jax.nn.relu(z), rngs=rngs)
+        return self.after_first_relu(jax.nn.relu(z), rngs)
+
+    def after_first_relu(self, a: Array, rngs: nnx.Rngs | None = None) -> Array:
+        """The MLP given its first layer's activation ``a`` = relu(z)."""
+        x = self.drop(a, rngs=rngs)
         for layer in self.layers[1:]:
             x = self.drop(jax.nn.relu(layer(x)), rngs=rngs)
         return x
@@ -106,9 +110,11 @@ def towers_on_shared_input(
     """
     firsts = [towers[n].layers[0] for n in names]
     kernel = jnp.concatenate([f.kernel[...] for f in firsts], axis=1)
-    z = x @ kernel + jnp.concatenate([f.bias[...] for f in firsts])
-    pieces = jnp.split(z, np.cumsum([f.out_features for f in firsts])[:-1], axis=-1)
-    return {n: towers[n].after_first(zn, rngs) for n, zn in zip(names, pieces, strict=True)}
+    # ReLU before the split: the backward pass then masks the towers' gradients where it joins
+    # them, one pass over [B, Σ widths] (the same values, bit for bit)
+    a = jax.nn.relu(x @ kernel + jnp.concatenate([f.bias[...] for f in firsts]))
+    pieces = jnp.split(a, np.cumsum([f.out_features for f in firsts])[:-1], axis=-1)
+    return {n: towers[n].after_first_relu(an, rngs) for n, an in zip(names, pieces, strict=True)}
 
 
 @jax.custom_vjp
