@@ -387,7 +387,7 @@ class Trainer:
         # vmapped row: a fused layer would then carry every tower's gradient in every copy/row.
         per_task = self.aggregator is not None or "jacobian" in self.weighting.needs
         retrieval = [t.name for t in self.tasks if t.kind == "retrieval"]
-        dropout = any(isinstance(m, nnx.Dropout) and m.rate > 0 for _, m in nnx.iter_modules(model))
+        dropout = any(isinstance(m, nnx.Dropout) and m.rate > 0 for _, m in nnx.iter_graph(model))
         # the automatic choices read the step's kind (gradient logging computes per-task
         # gradients too) and whether a split would change more than the order of sums
         self._per_task = per_task or c.log_every > 0
