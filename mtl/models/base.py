@@ -110,8 +110,8 @@ def towers_on_shared_input(
     """
     firsts = [towers[n].layers[0] for n in names]
     kernel = jnp.concatenate([f.kernel[...] for f in firsts], axis=1)
-    # ReLU before the split: the backward pass then masks the towers' gradients where it joins
-    # them, one pass over [B, Σ widths] (the same values, bit for bit)
+    # ReLU before the split (the same values, bit for bit): the backward pass then masks the
+    # joined gradients of the towers once, over [B, Σ widths], instead of once per tower
     a = jax.nn.relu(x @ kernel + jnp.concatenate([f.bias[...] for f in firsts]))
     pieces = jnp.split(a, np.cumsum([f.out_features for f in firsts])[:-1], axis=-1)
     return {n: towers[n].after_first_relu(an, rngs) for n, an in zip(names, pieces, strict=True)}
