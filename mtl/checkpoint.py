@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mtl.spec import integer
@@ -72,6 +73,24 @@ def _foreign(directory: Path, entries: list[str], why: str) -> CheckpointMismatc
         f"checkpoint directory: {str(directory)!r} holds {shown}, which mtl did not write ({why}); "
         "use a new directory (or an empty one) for the checkpoints"
     )
+
+
+def _restore_target(x: Any) -> Any:
+    """What orbax restores a template leaf as: an array placed like a committed one (a mesh's
+    sharding, an explicit device), or a host array for an uncommitted one (``_placed_like``)."""
+    if isinstance(x, jax.Array) and not x.committed:
+        return np.empty(x.shape, x.dtype)  # only its shape and dtype are read
+    return ocp.utils.to_shape_dtype_struct(x)
+
+
+def _placed_like(template: Any, restored: Any) -> Any:
+    """A restored leaf placed as its template was: an uncommitted template (a fresh state on the
+    default device) gives an uncommitted array. A committed one would make jit lower the resumed
+    run's steps with sharding annotations the fresh run's lack: other programs, compiled anew
+    and missed by the persistent compilation cache."""
+    if isinstance(template, jax.Array) and isinstance(restored, np.ndarray):
+        return jax.device_put(restored)
+    return restored
 
 
 class Checkpointer:
@@ -236,7 +255,7 @@ class Checkpointer:
         neither read nor kept in the way of new saves); one whose fingerprint differs from this
         run's raises CheckpointMismatch naming what differs.
         """
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        abstract = jax.tree.map(_restore_target, template)
         candidates = self.steps() if step is None else [s for s in self.steps() if s == step]
         for s in reversed(candidates):
             try:
@@ -260,7 +279,8 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001
                 self._set_aside(s, "corrupted", e)
                 continue
-            return restored["state"], meta.get("extra", {}), s
+            state = jax.tree.map(_placed_like, template, restored["state"])
+            return state, meta.get("extra", {}), s
         if candidates and step is None:
             log.warning("no readable checkpoint in %s; starting from step 0", self.directory)
         return None

@@ -9,7 +9,7 @@ import pytest
 
 from mtl.checkpoint import Checkpointer, CheckpointMismatch
 from mtl.data import synthetic
-from mtl.data.batching import Dataset
+from mtl.data.batching import Dataset, epoch_batches
 from mtl.models import build_model
 from mtl.runner import fit
 from mtl.train import Stage, TrainConfig, Trainer
@@ -80,6 +80,27 @@ def test_resume_is_bit_identical(data, tmp_path):
         np.testing.assert_array_equal(a, b)
     assert strip(res.history) == strip(ref.history)
     assert int(res.state.step) == 20
+
+
+def test_a_restored_state_compiles_the_fresh_states_program(data, tmp_path):
+    """A resumed run lowers its steps to the same program text as a run from a fresh state (no
+    sharding annotations from committed arrays), so the persistent compilation cache serves it;
+    the restored values are the saved ones."""
+    tr, st = make(data)
+    batches = epoch_batches(data, 64, jax.random.key(0))
+    st, _ = tr.run(st, batches, Stage(1))
+    ck = Checkpointer(tmp_path / "ck", tr.fingerprint())
+    ck.save(int(st.step), st, {})
+    tr2, fresh = make(data)
+    restored, _, step = Checkpointer(tmp_path / "ck", tr2.fingerprint()).restore(fresh)
+    assert step == int(st.step)
+    for a, b in zip(host(st), host(restored), strict=True):
+        np.testing.assert_array_equal(a, b)
+    leaves = jax.tree.leaves(restored)
+    assert not any(x.committed for x in leaves)
+    assert {x.sharding for x in leaves} == {x.sharding for x in jax.tree.leaves(fresh)}
+    program = lambda s: tr2.lower(s, batches, Stage(1)).as_text()
+    assert program(restored) == program(fresh)
 
 
 def test_foreign_checkpoint_is_refused(data, tmp_path):
