@@ -570,7 +570,7 @@ def real_jacobian(data: Dataset, batch: int) -> np.ndarray:
             [task_loss(t.kind, preds[t.name], rows.labels[t.name]) for t in data.task_specs]
         )
 
-    jac = jax.jacrev(losses)(params)
+    jac = jax.jit(jax.jacrev(losses))(params)  # one compile (eager: an op-by-op compile each)
     shared = jax.tree.leaves(partition.shared_mask(params, names))
     leaves = [x.reshape(len(names), -1) for x, m in zip(jax.tree.leaves(jac), shared) if m]
     return np.asarray(jnp.concatenate(leaves, axis=1))
