@@ -323,6 +323,7 @@ def test_custom_optax_transform_is_used(data):
     assert int(st2.step) == 8 and isinstance(st2.step, jnp.ndarray)
 
 
+@pytest.mark.product_codegen
 def test_compiler_options_reach_the_step_and_bad_ones_are_refused(data, tmp_path):
     """``compiler_options`` go to XLA with the step: xla_dump_to makes XLA write the step's HLO
     into the folder, and the trajectory equals the run without options, bit for bit; so does the
@@ -383,6 +384,7 @@ def compiled_chunk_text(tr, st, batches, stage):
     return tr.lower(st, batches, stage).compile().as_text()
 
 
+@pytest.mark.product_codegen
 def test_automatic_compiler_options_by_step_kind(data):
     """compiler_options=None: on CPU, a step without per-task gradients compiles without YNNPACK
     fusions and with copy insertion's region analysis (CPU_JOINT_OPTIONS), one with an aggregator,
