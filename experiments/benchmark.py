@@ -573,7 +573,7 @@ def real_jacobian(data: Dataset, batch: int) -> np.ndarray:
     jac = jax.jit(jax.jacrev(losses))(params)  # one compile (eager: an op-by-op compile each)
     shared = jax.tree.leaves(partition.shared_mask(params, names))
     leaves = [x.reshape(len(names), -1) for x, m in zip(jax.tree.leaves(jac), shared) if m]
-    return np.asarray(jnp.concatenate(leaves, axis=1))
+    return np.array(jnp.concatenate(leaves, axis=1))  # writable: torch.from_numpy warns otherwise
 
 
 def repeat(fn: Callable[[], Any], calls: int) -> Callable[[], None]:
