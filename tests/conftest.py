@@ -6,12 +6,12 @@ program once.
 Compiling is most of the suite's time on 2 cores. The tests compile with XLA:CPU's LLVM at -O0 and
 its loop emitters instead of the MLIR fusion emitters (TEST_XLA_FLAGS, those this jaxlib knows):
 on the 2-core VM the suite ran in 5:08 instead of 9:27 with jax 0.10.2, and in 6:51 instead of
-8:33 with jax 0.12.0.1, which has only the first flag (2026-11-29). The HLO passes, and so every program's operations and their
-order, are XLA's own; the machine code differs, so results can differ in the last float bits
-between two compile options. Tests marked ``product_codegen`` (those that assert that an option
-changes no bit) run in a child pytest with XLA's default codegen. Child processes of the tests
-(child_env) run with XLA's defaults, as users do. ``MTL_TEST_XLA_FLAGS= make test`` (set and
-empty) runs the whole suite with XLA's default codegen.
+8:33 with jax 0.12.0.1, which has only the first flag (2026-11-29). The HLO passes, and so every
+program's operations and their order, are XLA's own; the machine code differs, so results can
+differ in the last float bits between two compile options. Tests marked ``product_codegen``
+(those that assert that an option changes no bit) run in a child pytest with XLA's default
+codegen. Child processes of the tests (child_env) run with XLA's defaults, as users do.
+``MTL_TEST_XLA_FLAGS= make test`` (set and empty) runs the whole suite with XLA's default codegen.
 """
 
 import os
