@@ -103,6 +103,28 @@ def test_a_restored_state_compiles_the_fresh_states_program(data, tmp_path):
     assert program(restored) == program(fresh)
 
 
+def test_a_state_on_a_mesh_is_restored_on_that_mesh(data, tmp_path):
+    """A replicated state on the 8-device mesh (committed arrays) comes back with the template's
+    shardings, so the resumed run lowers to the program it had before the save."""
+    from mtl import parallel
+
+    mesh = parallel.make_mesh()
+    tr, st = make(data)
+    batches = parallel.shard_batches(epoch_batches(data, 64, jax.random.key(0)), mesh)
+    st, _ = tr.run(parallel.replicate(st, mesh), batches, Stage(1))
+    ck = Checkpointer(tmp_path / "ck", tr.fingerprint())
+    ck.save(int(st.step), st, {})
+    tr2, fresh = make(data)
+    fresh = parallel.replicate(fresh, mesh)
+    restored, _, _ = Checkpointer(tmp_path / "ck", tr2.fingerprint()).restore(fresh)
+    for a, b in zip(host(st), host(restored), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for x, y in zip(jax.tree.leaves(fresh), jax.tree.leaves(restored), strict=True):
+        assert y.committed and y.sharding == x.sharding
+    program = lambda s: tr2.lower(s, batches, Stage(1)).as_text()
+    assert program(restored) == program(fresh)
+
+
 def test_foreign_checkpoint_is_refused(data, tmp_path):
     tr, st = make(data)
     ck = Checkpointer(tmp_path / "ck", tr.fingerprint())
