@@ -25,7 +25,17 @@
              representation (``MTLModel.decode_each``, one matmul per tower) vs the shared
              bottom's fused first tower layers with a custom VJP (``base.towers_on_copies``).
 - ``optimizer``: not a choice but a measure of where the time goes: the default Adam vs plain SGD
-             (Adam reads and writes two dense moments per parameter), shared bottom, T = 3.
+             (Adam reads and writes two dense moments per parameter), shared bottom, T = 3; and
+             vs Adam on all parameters raveled into one vector (``optax.flatten``: one pass over
+             the moments instead of one per leaf; not adopted).
+- ``heads``: the task heads as one matmul with a block-diagonal kernel [Σ outputs, Σ tower
+             widths] built from the heads' kernels (no split of the fused tower layer's output,
+             no join of its gradient; 3x the heads' FLOPs) vs one matmul per head (the default),
+             shared bottom at T = 3 and 8; not adopted.
+- ``layout``: not a step but its two large layers' matmuls alone (``benchmark._in_loop_us``,
+             one microbatch of the batch): activations batch-major [B, features] (the step's
+             layout) vs feature-major [features, B] with the kernel stored [out, in] or [in, out],
+             the forward, weight-gradient and input-gradient products of each.
 - ``xla``:   XLA's default options vs ``train.CPU_JOINT_OPTIONS`` (``NO_YNN``: no YNNPACK
              fusions, so Eigen's dots and XLA's own reductions and elementwise ops, plus
              ``REGION_ANALYSIS``: copy insertion with region analysis; the trainer's automatic
@@ -57,6 +67,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import benchmark as B  # experiments/benchmark.py: python puts the script's folder on sys.path
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -226,6 +237,78 @@ def sgd() -> contextlib.AbstractContextManager:
     return patched(B, "TrainConfig", functools.partial(TrainConfig, optimizer="sgd"))
 
 
+def flat_adam() -> contextlib.AbstractContextManager:
+    """Adam on all parameters raveled into one vector (``optax.flatten``). Only a speed measure:
+    the trainer's per-leaf masks of the moments see one flat leaf, so frozen parameters' moments
+    would move."""
+    return patched(train.OPTIMIZERS, "adam", lambda lr: optax.flatten(optax.adam(lr)))
+
+
+def _block_diagonal_heads(self: Any, rep: Any, rngs: Any = None) -> tuple[dict, dict]:
+    """SharedBottom.decode (one-layer towers, no dropout) with the heads as one matmul."""
+    names = [t.name for t in self.tasks]
+    assert all(len(self.towers[n].layers) == 1 for n in names), "one-layer towers only"
+    hidden = towers_on_shared_input(self.towers, names, rep, rngs)
+    a = jnp.concatenate([hidden[n] for n in names], axis=-1)
+    widths = [self.towers[n].out_dim for n in names]
+    rows = []
+    for i, n in enumerate(names):
+        k = self.heads[n].kernel[...]  # [out, in]
+        zeros = lambda w, k=k: jnp.zeros((k.shape[0], w), k.dtype)
+        rows.append(jnp.concatenate([k if j == i else zeros(w) for j, w in enumerate(widths)], 1))
+    y = jax.lax.dot_general(a, jnp.concatenate(rows), (((1,), (1,)), ((), ())))
+    y = y + jnp.concatenate([self.heads[n].bias[...] for n in names])
+    outs = jnp.split(y, np.cumsum([t.size for t in self.tasks])[:-1], axis=-1)
+    return {t.name: head_output(t, o) for t, o in zip(self.tasks, outs, strict=True)}, {}
+
+
+def block_diagonal_heads() -> contextlib.AbstractContextManager:
+    """The shared bottom's heads as one block-diagonal matmul."""
+    return patched(shared_bottom.SharedBottom, "decode", _block_diagonal_heads)
+
+
+def layout_table(batch: int) -> None:
+    """µs of the forward, weight-gradient and input-gradient matmuls of the trunk and the fused
+    tower layer, activations batch-major (as the step has them) or feature-major."""
+    data = B.ml100k_like(8)
+    model = B.build_model(
+        "shared_bottom", data.feature_specs, data.task_specs, **B.SIZES["shared_bottom"]
+    )
+    k = Trainer(model, TrainConfig(microbatches=B.MICROBATCHES)).microbatches(batch)
+    rows, options = batch // k, train.default_compiler_options(False)
+    D, H = model.encoder.out_dim, model.trunk.out_dim
+    tower_in = sum(model.towers[n].layers[0].out_features for n in model.towers)
+    dot = lambda dims: lambda a, b: jax.lax.dot_general(a, b, (dims, ((), ())))
+    key = jax.random.key(0)
+    r = lambda *shape: jax.random.normal(key, shape)
+    print("\n| layer | rows | layout | forward µs | weight grad µs | input grad µs | sum µs |")
+    print("|---|---|---|---|---|---|---|")
+    for name, kk, n in (("trunk", D, H), ("towers (fused first layer)", H, tower_in)):
+        x, xt, d, dt = r(rows, kk), r(kk, rows), r(rows, n), r(n, rows)
+        w_io, w_oi = r(kk, n), r(n, kk)
+        cases = {  # (forward, weight gradient, input gradient) as (contracting dims, a, b)
+            "batch-major x [B, in], W [in, out]": (
+                (((1,), (0,)), x, w_io),  # x W
+                (((0,), (0,)), x, d),  # xᵀ δ
+                (((1,), (1,)), d, w_io),  # δ Wᵀ
+            ),
+            "feature-major xᵀ [in, B], W [out, in]": (
+                (((1,), (0,)), w_oi, xt),  # W xᵀ
+                (((1,), (1,)), dt, xt),  # δᵀ x, stored [out, in]
+                (((0,), (0,)), w_oi, dt),  # Wᵀ δᵀ
+            ),
+            "feature-major xᵀ [in, B], W [in, out]": (
+                (((0,), (0,)), w_io, xt),  # Wᵀ xᵀ
+                (((1,), (1,)), xt, dt),  # xᵀ δ, stored [in, out]
+                (((1,), (0,)), w_io, dt),  # W δᵀ
+            ),
+        }
+        for label, parts in cases.items():
+            us = [B._in_loop_us(dot(dims), a, b, compiler_options=options) for dims, a, b in parts]
+            cells = " | ".join(f"{u:.0f}" for u in us)
+            print(f"| {name} | {rows} | {label} | {cells} | {sum(us):.0f} |")
+
+
 # XLA's copy insertion with region analysis: fewer copies of loop-carried buffers (by default the
 # scanned step copies every Adam moment before updating it; the count is printed per variant).
 REGION_ANALYSIS = {"xla_cpu_copy_insertion_use_region_analysis": True}
@@ -298,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             "gram",
             "copies",
             "optimizer",
+            "heads",
+            "layout",
             "xla",
             "micro",
             "chunk",
@@ -309,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     batches = [int(b) for b in a.batch_sizes.split(",")]
     now = contextlib.nullcontext
+    if a.only == "layout":  # matmuls alone: a table of their own
+        for b in batches:
+            layout_table(b)
+        return 0
     if a.only != "xla":  # the xla section prints its own table, with a column more
         print("| ablation | batch | T | variant | ms/step | x first |")
         print("|---|---|---|---|---|---|")
@@ -356,7 +445,12 @@ def main(argv: list[str] | None = None) -> int:
             rep = dict(aggregator="mgda", aggregate_on="representation")
             compare("rep-level MGDA, copies", copies, b, 8, a.repeats, **rep)
         if a.only in (None, "optimizer"):
-            compare("optimizer", [("Adam (default)", now), ("SGD", sgd)], b, 3, a.repeats)
+            opt = [("Adam (default)", now), ("SGD", sgd), ("Adam, optax.flatten", flat_adam)]
+            compare("optimizer", opt, b, 3, a.repeats)
+        if a.only in (None, "heads"):
+            heads = [("one matmul per head", now), ("block-diagonal heads", block_diagonal_heads)]
+            for t in (3, 8):
+                compare("heads, shared bottom", heads, b, t, a.repeats)
         if a.only in (None, "xla"):
             assert train.CPU_JOINT_OPTIONS == {**NO_YNN, **REGION_ANALYSIS}, "update the labels"
             cpu_joint = xla_options(train.CPU_JOINT_OPTIONS)
