@@ -394,11 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     batches = [int(b) for b in a.batch_sizes.split(",")]
     now = contextlib.nullcontext
-    if a.only == "layout":  # matmuls alone: a table of their own
-        for b in batches:
-            layout_table(b)
-        return 0
-    if a.only != "xla":  # the xla section prints its own table, with a column more
+    if a.only not in ("xla", "layout"):  # these two print tables of their own, other columns
         print("| ablation | batch | T | variant | ms/step | x first |")
         print("|---|---|---|---|---|---|")
     for b in batches:
@@ -484,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
                 ("device mask, 73,728 rows per run", now),
             ]
             compare("chunk", runs, b, 3, a.repeats, [EXAMPLES, EXAMPLES, B.EPOCH_EXAMPLES])
+    if a.only in (None, "layout"):  # matmuls alone, not steps
+        for b in batches:
+            layout_table(b)
     return 0
 
 
