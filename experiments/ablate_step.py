@@ -248,9 +248,11 @@ def _block_diagonal_heads(self: Any, rep: Any, rngs: Any = None) -> tuple[dict, 
     """SharedBottom.decode (one-layer towers, no dropout) with the heads as one matmul."""
     names = [t.name for t in self.tasks]
     assert all(len(self.towers[n].layers) == 1 for n in names), "one-layer towers only"
-    hidden = towers_on_shared_input(self.towers, names, rep, rngs)
-    a = jnp.concatenate([hidden[n] for n in names], axis=-1)
-    widths = [self.towers[n].out_dim for n in names]
+    firsts = [self.towers[n].layers[0] for n in names]
+    # the fused first layer's activation [B, Σ widths], never split
+    kernel = jnp.concatenate([f.kernel[...] for f in firsts], axis=1)
+    a = jax.nn.relu(rep @ kernel + jnp.concatenate([f.bias[...] for f in firsts]))
+    widths = [f.out_features for f in firsts]
     rows = []
     for i, n in enumerate(names):
         k = self.heads[n].kernel[...]  # [out, in]
